@@ -1,0 +1,41 @@
+# Two entry points for a newcomer: `make run` (train + evaluate + build an index on the shipped
+# EURLEX57K data) and `make test`. Both create the virtual environment on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= ../shared/data
+RUN_DIR ?= runs
+
+.PHONY: setup run test lint bench proto clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch lives on the local package index; pin it before anything pulls a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+run: setup
+	$(VENV)/bin/elias train $(DATA)/eurlex57k $(RUN_DIR)/eurlex57k
+	$(VENV)/bin/elias eval $(RUN_DIR)/eurlex57k $(DATA)/eurlex57k --split test --json $(RUN_DIR)/eurlex57k-test.json
+	$(VENV)/bin/elias build-index $(RUN_DIR)/eurlex57k $(RUN_DIR)/eurlex57k-index --dtype fp16
+	$(VENV)/bin/elias search $(RUN_DIR)/eurlex57k-index "Regulation on the common organisation of the market in wine"
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) bench/quality_eurlex57k.py
+
+proto: setup
+	$(PY) -m elias_retrieval.proto_gen
+
+clean:
+	rm -rf $(VENV) $(RUN_DIR) .pytest_cache .ruff_cache

