@@ -65,8 +65,10 @@ class TrainConfig:
     eval_batch_size: int = 1024
     stage1_epochs: int = 15
     stage2_epochs: int = 15
-    lr_encoder: float = 1e-3  # the tf-idf projection; a transformer wants 1e-4 (stage 1) / 3e-5 (stage 2)
+    lr_encoder: float = 1e-3  # the tf-idf encoder
     lr_encoder_stage2: float = 3e-4
+    lr_transformer: float = 1e-4  # the transformer encoder
+    lr_transformer_stage2: float = 3e-5
     lr_clusters: float = 5e-3
     lr_clusters_stage2: float = 2e-3
     lr_labels: float = 5e-3
@@ -77,6 +79,7 @@ class TrainConfig:
     lambda_stage2: float = 0.05
     init_top_clusters: int = 20  # clusters per training point used to initialise A
     eval_every: int = 1  # evaluate on dev every N epochs (0 = only at the end of each stage)
+    select_metric: str = "P@5"  # stage-2 model selection on dev
     max_train_points: int = 0  # 0 = all
     max_eval_points: int = 0  # 0 = all dev points
     threads: int = 0  # torch intra-op threads (0 = torch's default)

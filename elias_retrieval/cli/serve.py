@@ -1,0 +1,1 @@
+"""`elias serve` and `elias search` (owned by the searcher work)."""

@@ -1,0 +1,62 @@
+"""Offline evaluation: search a whole dataset split and score the ranked top 100 (metrics.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from elias_retrieval.data import Dataset
+from elias_retrieval.encoders import Encoder
+from elias_retrieval.metrics import evaluate
+from elias_retrieval.search import SearchTensors, search
+
+
+def predict(
+    encoder: Encoder,
+    tensors: SearchTensors,
+    data: Dataset,
+    k: int = 100,
+    beam_size: int = 20,
+    shortlist_size: int = 2000,
+    batch_size: int = 512,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ranked top-k label ids (-1 padded) and scores for every point of `data`."""
+    encoder.eval()
+    inputs = encoder.prepare(data)
+    device = tensors.W_C.device
+    n = len(inputs)
+    ids = np.full((n, k), -1, dtype=np.int64)
+    scores = np.zeros((n, k), dtype=np.float32)
+    with (
+        Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                 disable=not progress, transient=True) as bar,
+        torch.inference_mode(),
+    ):
+        task = bar.add_task("searching", total=n)
+        for start in range(0, n, batch_size):
+            rows = np.arange(start, min(start + batch_size, n))
+            emb = encoder(inputs.batch(rows, device))
+            res = search(emb, tensors, k=k, beam_size=beam_size, shortlist_size=shortlist_size)
+            kk = res.ids.shape[1]
+            ids[rows, :kk] = res.ids.cpu().numpy()
+            scores[rows, :kk] = res.scores.float().cpu().numpy()
+            bar.advance(task, len(rows))
+    return ids, scores
+
+
+def evaluate_split(
+    encoder: Encoder,
+    tensors: SearchTensors,
+    data: Dataset,
+    train_label_counts: np.ndarray,
+    num_train: int,
+    beam_size: int = 20,
+    shortlist_size: int = 2000,
+    batch_size: int = 512,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Search `data` and return the metrics of metrics.evaluate (percentages)."""
+    ids, _ = predict(encoder, tensors, data, 100, beam_size, shortlist_size, batch_size, progress)
+    return evaluate(ids, data.labels, train_label_counts, num_train)

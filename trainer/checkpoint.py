@@ -1,0 +1,88 @@
+"""Training state for --resume: model, optimiser and schedule as safetensors + JSON (no pickle)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from elias_retrieval.atomic import atomic_dir, write_json, write_safetensors
+
+STATE_DIR = "train_state"
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for idx, st in sd["state"].items():
+        for key, val in st.items():
+            name = f"{prefix}.{idx}.{key}"
+            if isinstance(val, torch.Tensor):
+                tensors[name] = val.detach().clone().contiguous()
+            else:
+                scalars[name] = val
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, val in tensors.items():
+        p, idx, key = name.split(".", 2)
+        if p == prefix:
+            state.setdefault(int(idx), {})[key] = val
+    for name, val in meta["scalars"].items():
+        _p, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = val
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_state(
+    out_dir: Path,
+    model: torch.nn.Module,
+    optimizers: dict[str, torch.optim.Optimizer],
+    schedulers: dict[str, Any],
+    progress: dict[str, Any],
+) -> None:
+    """Atomically replace OUT/train_state with the state after a finished epoch."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt_meta: dict[str, Any] = {}
+    for name, opt in optimizers.items():
+        t, m = _flatten_optimizer(opt, name)
+        tensors.update(t)
+        opt_meta[name] = m
+    with atomic_dir(out_dir / STATE_DIR) as tmp:
+        write_safetensors(tmp / "state.safetensors", tensors)
+        write_json(tmp / "state.json", {
+            "progress": progress,
+            "optimizers": opt_meta,
+            "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+        })
+
+
+def has_state(out_dir: Path) -> bool:
+    return (out_dir / STATE_DIR / "state.json").is_file()
+
+
+def load_state(out_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    d = out_dir / STATE_DIR
+    return load_file(str(d / "state.safetensors")), json.loads((d / "state.json").read_text())
+
+
+def restore_training(
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    optimizers: dict[str, torch.optim.Optimizer],
+    schedulers: dict[str, Any],
+) -> None:
+    for name, opt in optimizers.items():
+        _restore_optimizer(opt, name, tensors, meta["optimizers"][name])
+    for name, sch in schedulers.items():
+        sch.load_state_dict(meta["schedulers"][name])
+
+
+def model_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}

@@ -1,0 +1,332 @@
+"""ELIAS training end to end: stage 0 (clusters), stage 1 (fixed A), sparse-A init, stage 2 (A learned)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from elias_retrieval.data import Dataset, has_split, read_split
+from elias_retrieval.features import TfidfFeaturizer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from elias_retrieval.atomic import write_json
+from elias_retrieval.config import EliasConfig
+from elias_retrieval.encoders import Encoder, EncoderInputs, TfidfEncoder, TransformerEncoder, default_transformer_path
+from elias_retrieval.evaluation import evaluate_split
+from elias_retrieval.model import EliasModel
+from elias_retrieval.modeldir import TrainedModel, load_model_dir, save_model_dir
+from elias_retrieval.search import cluster_scores
+from trainer import checkpoint
+from trainer.clustering import balanced_clusters, pifa
+from trainer.graph_init import cluster_affinity, init_graph
+from trainer.optim import RowAdam
+
+console = Console(stderr=True)
+
+
+class TrainingError(ValueError):
+    """Training cannot start or continue (bad data, config or resume state)."""
+
+
+@dataclass
+class TrainData:
+    train: Dataset
+    dev: Dataset | None
+    X_train: sp.csr_matrix
+    Y_train: sp.csr_matrix  # (N, L) known labels
+    label_counts: np.ndarray
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def make_encoder(cfg: EliasConfig, featurizer: TfidfFeaturizer) -> Encoder:
+    m = cfg.model
+    if m.encoder == "tfidf":
+        return TfidfEncoder(featurizer, m.dim)
+    if m.encoder == "transformer":
+        return TransformerEncoder(m.transformer_path or default_transformer_path(), m.pooling, m.max_length)
+    raise TrainingError(f"model.encoder must be 'tfidf' or 'transformer', got {m.encoder!r}")
+
+
+def _log(msg: str, progress: bool) -> None:
+    if progress:
+        console.print(msg, highlight=False)
+
+
+def load_data(dataset_dir: Path, cfg: EliasConfig, featurizer: TfidfFeaturizer | None, progress: bool):
+    t0 = time.perf_counter()
+    train = read_split(dataset_dir, "train", cfg.data)
+    if cfg.train.max_train_points and len(train) > cfg.train.max_train_points:
+        train = train.subset(np.arange(cfg.train.max_train_points))
+    dev = read_split(dataset_dir, "dev", cfg.data, vocab=train.vocab) if has_split(dataset_dir, "dev") else None
+    if dev is not None and cfg.train.max_eval_points and len(dev) > cfg.train.max_eval_points:
+        dev = dev.subset(np.arange(cfg.train.max_eval_points))
+    _log(f"read {len(train):,} train / {len(dev) if dev else 0:,} dev points, "
+         f"{train.num_labels:,} labels ({time.perf_counter() - t0:.1f} s)", progress)
+    t0 = time.perf_counter()
+    if featurizer is None:
+        featurizer = TfidfFeaturizer.fit(train, cfg.features)
+    X = featurizer.transform(train)
+    _log(f"tf-idf: {featurizer.num_features:,} features ({time.perf_counter() - t0:.1f} s)", progress)
+    Y = train.known_labels().tocsr()
+    counts = np.asarray(Y.sum(0)).ravel().astype(np.int64)
+    if Y.nnz == 0:
+        raise TrainingError(f"{dataset_dir}: the train split has no labels")
+    return featurizer, TrainData(train, dev, X, Y, counts)
+
+
+def _schedule(total_steps: int, warmup_fraction: float):
+    warm = max(1, int(total_steps * warmup_fraction))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+
+    return f
+
+
+def make_optimizers(model: EliasModel, cfg: EliasConfig, stage: int, total_steps: int):
+    """AdamW for dense parameters (separate learning rates), RowAdam for the sparse-gradient projection."""
+    t = cfg.train
+    transformer = model.encoder.kind == "transformer"
+    if stage == 1:
+        lr_enc = t.lr_transformer if transformer else t.lr_encoder
+        lr_clu = t.lr_clusters
+    else:
+        lr_enc = t.lr_transformer_stage2 if transformer else t.lr_encoder_stage2
+        lr_clu = t.lr_clusters_stage2
+    sparse = model.encoder.sparse_params()
+    sparse_ids = {id(p) for p in sparse}
+    enc_dense = [p for p in model.encoder.parameters() if id(p) not in sparse_ids]
+    groups = [
+        {"params": enc_dense, "lr": lr_enc},
+        {"params": [model.W_C, model.b_C], "lr": lr_clu},
+        {"params": [model.W_L, model.b_L], "lr": t.lr_labels},
+    ]
+    if stage == 2:
+        groups.append({"params": [model.A_logits], "lr": t.lr_graph, "weight_decay": 0.0})
+    opts: dict[str, torch.optim.Optimizer] = {"dense": torch.optim.AdamW(groups, weight_decay=t.weight_decay)}
+    if sparse:
+        opts["sparse"] = RowAdam(sparse, lr=lr_enc)
+    lam = _schedule(total_steps, t.warmup_fraction)
+    scheds = {name: torch.optim.lr_scheduler.LambdaLR(o, lam) for name, o in opts.items()}
+    return opts, scheds
+
+
+@torch.no_grad()
+def top_clusters(model: EliasModel, inputs: EncoderInputs, top: int, batch_size: int, device: torch.device):
+    """For every training point, its top clusters and their scores (stage-1 model, eval mode)."""
+    model.eval()
+    n = len(inputs)
+    ids = np.zeros((n, top), dtype=np.int64)
+    scores = np.zeros((n, top), dtype=np.float32)
+    for start in range(0, n, batch_size):
+        rows = np.arange(start, min(start + batch_size, n))
+        emb = model.encoder(inputs.batch(rows, device))
+        s = cluster_scores(emb @ model.W_C.T + model.b_C, model.cfg.alpha)
+        v, i = torch.topk(s, min(top, s.shape[1]), dim=1)
+        ids[rows, : i.shape[1]] = i.cpu().numpy()
+        scores[rows, : v.shape[1]] = v.cpu().numpy()
+    return ids, scores
+
+
+class Trainer:
+    """Runs the stages, checkpoints after each epoch, resumes from the last checkpoint."""
+
+    def __init__(self, dataset_dir: str | Path, out_dir: str | Path, cfg: EliasConfig, progress: bool = True):
+        self.dataset_dir, self.out_dir = Path(dataset_dir), Path(out_dir)
+        self.cfg, self.progress = cfg, progress
+        self.device = pick_device(cfg.train.device)
+        self.history: list[dict[str, Any]] = []
+        self.timings: dict[str, float] = {}
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def _prepare(self, resume: bool) -> tuple[TfidfFeaturizer, TrainData]:
+        if not self.dataset_dir.is_dir():
+            raise TrainingError(f"{self.dataset_dir}: dataset directory not found")
+        if self.cfg.train.threads > 0:
+            torch.set_num_threads(self.cfg.train.threads)
+        featurizer = TfidfFeaturizer.load(self.out_dir / "featurizer") if resume else None
+        t0 = time.perf_counter()
+        featurizer, data = load_data(self.dataset_dir, self.cfg, featurizer, self.progress)
+        self.timings["data_and_features_s"] = time.perf_counter() - t0
+        if not resume:
+            featurizer.save(self.out_dir / "featurizer")
+        return featurizer, data
+
+    def _save(self, model: EliasModel, data: TrainData, extra: dict[str, Any]) -> None:
+        meta = {"num_train": len(data.train), "timings": self.timings, **extra}
+        save_model_dir(self.out_dir, model, self.cfg, data.train.vocab, model_featurizer(model, self.featurizer),
+                       torch.from_numpy(data.label_counts), meta)
+
+    # ---- the run -------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> TrainedModel:
+        cfg = self.cfg
+        if resume and not checkpoint.has_state(self.out_dir):
+            raise TrainingError(f"{self.out_dir}: nothing to resume (no {checkpoint.STATE_DIR}/)")
+        if not resume and checkpoint.has_state(self.out_dir):
+            raise TrainingError(f"{self.out_dir} already holds a training run: pass --resume, or choose a new directory")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.out_dir / "config.json", cfg.to_dict())
+        t_start = time.perf_counter()
+        self.featurizer, data = self._prepare(resume)
+        L = data.train.num_labels
+        C = cfg.model.num_clusters(L)
+        torch.manual_seed(cfg.train.seed)
+        encoder = make_encoder(cfg, self.featurizer)
+        model = EliasModel(encoder, L, C, cfg.model.kappa, cfg.model).to(self.device)
+
+        state_t, state_m = (checkpoint.load_state(self.out_dir) if resume else ({}, {}))
+        progress_state = state_m.get("progress", {})
+        self.history = progress_state.get("history", [])
+        if resume:
+            _log(f"resuming from stage {progress_state['stage']}, epoch {progress_state['epoch']}", self.progress)
+            mt = checkpoint.model_tensors(state_t)
+            model.set_graph(mt["A_ids"], mt["A_logits"], stage=int(mt["stage"]))
+            model.load_state_dict(mt)
+        else:
+            t0 = time.perf_counter()
+            Z = pifa(data.X_train, data.Y_train)
+            partition = balanced_clusters(Z, C, seed=cfg.train.seed, progress=self.progress)
+            model.set_partition(partition)
+            self.timings["stage0_s"] = time.perf_counter() - t0
+            _log(f"stage 0: {C} clusters of {min(map(len, partition))}-{max(map(len, partition))} labels "
+                 f"({self.timings['stage0_s']:.1f} s)", self.progress)
+            progress_state = {"stage": 1, "epoch": 0}
+        self.timings.update(progress_state.get("timings", {}))
+
+        inputs = model.encoder.prepare(data.train)
+        stage = int(progress_state["stage"])
+        if stage == 1:
+            self._run_stage(model, data, inputs, 1, progress_state, state_t, state_m)
+            state_t, state_m = {}, {}
+            t0 = time.perf_counter()
+            ids, scores = top_clusters(model, inputs, cfg.train.init_top_clusters, cfg.train.eval_batch_size, self.device)
+            aff = cluster_affinity(ids, scores, data.Y_train, C)
+            partition = [np.asarray(r[r < L].cpu().numpy()) for r in model.A_ids]
+            A_ids, A_logits = init_graph(aff, partition, cfg.model.kappa)
+            model.set_graph(A_ids, A_logits, stage=2)
+            self.timings["graph_init_s"] = time.perf_counter() - t0
+            _log(f"A initialised: {int((A_ids < L).sum()):,} edges, every label covered "
+                 f"({self.timings['graph_init_s']:.1f} s)", self.progress)
+            progress_state = {"stage": 2, "epoch": 0, "history": self.history}
+        self._run_stage(model, data, inputs, 2, progress_state, state_t, state_m)
+        self.timings["total_s"] = time.perf_counter() - t_start + progress_state.get("elapsed_before_s", 0.0)
+        best = self.out_dir / "model.json"
+        if best.exists():  # record the total time in the selected model's metadata
+            meta = json.loads(best.read_text())
+            meta["timings"] = {**meta.get("timings", {}), "total_s": self.timings["total_s"]}
+            write_json(best, meta)
+        return load_model_dir(self.out_dir, self.device)
+
+    def _run_stage(self, model: EliasModel, data: TrainData, inputs: EncoderInputs, stage: int,
+                   progress_state: dict[str, Any], state_t: dict, state_m: dict) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        epochs = t.stage1_epochs if stage == 1 else t.stage2_epochs
+        lam = t.lambda_stage1 if stage == 1 else t.lambda_stage2
+        n = len(inputs)
+        steps_per_epoch = math.ceil(n / t.batch_size)
+        opts, scheds = make_optimizers(model, cfg, stage, max(1, epochs * steps_per_epoch))
+        start_epoch = int(progress_state.get("epoch", 0))
+        best_metric = float(progress_state.get("best_metric", -1.0))
+        if state_t:
+            checkpoint.restore_training(state_t, state_m, opts, scheds)
+        Y = data.Y_train
+        for epoch in range(start_epoch, epochs):
+            t_epoch = time.perf_counter()
+            seed = t.seed + 1000 * stage + epoch
+            torch.manual_seed(seed)
+            order = np.random.default_rng(seed).permutation(n)
+            if stage == 2:
+                model.update_parents()
+            model.train()
+            tot_loss, tot_recall, seen = 0.0, 0.0, 0
+            with Progress(TextColumn("[bold]stage {task.fields[stage]} epoch {task.fields[epoch]}"), BarColumn(),
+                          MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+                          TextColumn("{task.fields[rate]:.0f} ex/s"), TimeElapsedColumn(),
+                          disable=not self.progress, transient=True) as bar:
+                task = bar.add_task("", total=n, stage=stage, epoch=f"{epoch + 1}/{epochs}", loss=0.0, rate=0.0)
+                for start in range(0, n, t.batch_size):
+                    rows = order[start: start + t.batch_size]
+                    batch = inputs.batch(rows, self.device)
+                    yb = Y[rows].tocoo()
+                    pos_rows = torch.from_numpy(yb.row.astype(np.int64)).to(self.device)
+                    pos_labels = torch.from_numpy(yb.col.astype(np.int64)).to(self.device)
+                    loss, stats = model.loss(batch, pos_rows, pos_labels, lam)
+                    for o in opts.values():
+                        o.zero_grad(set_to_none=True)
+                    loss.backward()
+                    for o in opts.values():
+                        o.step()
+                    for s in scheds.values():
+                        s.step()
+                    tot_loss += float(loss) * len(rows)
+                    tot_recall += stats["recall"] * len(rows)
+                    seen += len(rows)
+                    bar.update(task, advance=len(rows), loss=tot_loss / seen,
+                               rate=seen / max(1e-9, time.perf_counter() - t_epoch))
+            record: dict[str, Any] = {
+                "stage": stage, "epoch": epoch + 1, "loss": tot_loss / max(1, seen),
+                "train_shortlist_recall": tot_recall / max(1, seen), "epoch_s": time.perf_counter() - t_epoch,
+            }
+            key = f"stage{stage}_train_s"
+            self.timings[key] = self.timings.get(key, 0.0) + record["epoch_s"]
+            last = epoch + 1 == epochs
+            if data.dev is not None and (last or (t.eval_every and (epoch + 1) % t.eval_every == 0)):
+                t_eval = time.perf_counter()
+                model.eval()
+                dev = evaluate_split(model.encoder, model.search_tensors(), data.dev, data.label_counts,
+                                     len(data.train), cfg.model.beam_size, cfg.model.shortlist_size,
+                                     t.eval_batch_size)
+                record["dev"] = {k: dev[k] for k in ("P@1", "P@5", "nDCG@5", "R@10", "R@100")}
+                record["eval_s"] = time.perf_counter() - t_eval
+            self.history.append(record)
+            _log(_format_record(record), self.progress)
+            metric = record.get("dev", {}).get(t.select_metric, -1.0)
+            improved = data.dev is None or metric > best_metric
+            if stage == 2 and (improved or (data.dev is None and last)):
+                best_metric = max(best_metric, metric)
+                self._save(model, data, {"selected": {"stage": stage, "epoch": epoch + 1, t.select_metric: metric},
+                                         "history": self.history})
+            progress = {"stage": stage, "epoch": epoch + 1, "best_metric": best_metric, "history": self.history,
+                        "timings": self.timings}
+            checkpoint.save_state(self.out_dir, model, opts, scheds, progress)
+            self._append_history(record)
+        progress_state["epoch"] = epochs
+
+    def _append_history(self, record: dict[str, Any]) -> None:
+        with open(self.out_dir / "history.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def model_featurizer(model: EliasModel, fallback: TfidfFeaturizer) -> TfidfFeaturizer:
+    return model.encoder.featurizer if isinstance(model.encoder, TfidfEncoder) else fallback
+
+
+def _format_record(r: dict[str, Any]) -> str:
+    s = (f"stage {r['stage']} epoch {r['epoch']}: loss {r['loss']:.4f}, "
+         f"train shortlist recall {100 * r['train_shortlist_recall']:.1f}%, {r['epoch_s']:.1f} s")
+    if "dev" in r:
+        s += " | dev " + ", ".join(f"{k} {v:.2f}" for k, v in r["dev"].items())
+    return s
+
+
+def train(dataset_dir: str | Path, out_dir: str | Path, cfg: EliasConfig | None = None, resume: bool = False,
+          progress: bool = True) -> TrainedModel:
+    """Train ELIAS on DATASET_DIR (train split; dev for model selection) and write the model to OUT_DIR."""
+    return Trainer(dataset_dir, out_dir, cfg or EliasConfig(), progress).run(resume)
