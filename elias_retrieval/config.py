@@ -82,6 +82,9 @@ class TrainConfig:
     select_metric: str = "P@5"  # stage-2 model selection on dev
     max_train_points: int = 0  # 0 = all
     max_eval_points: int = 0  # 0 = all dev points
+    reranker: bool = True  # ELIAS++: train the sparse tf-idf re-ranker after stage 2
+    reranker_c: float = 1.0
+    reranker_threshold: float = 0.1  # prune ranker weights below this magnitude
     threads: int = 0  # torch intra-op threads (0 = torch's default)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
 

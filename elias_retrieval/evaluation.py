@@ -8,7 +8,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from elias_retrieval.data import Dataset
 from elias_retrieval.encoders import Encoder
+from elias_retrieval.features import TfidfFeaturizer
 from elias_retrieval.metrics import evaluate
+from elias_retrieval.reranker import SparseRanker
 from elias_retrieval.search import SearchTensors, search
 
 
@@ -56,7 +58,13 @@ def evaluate_split(
     shortlist_size: int = 2000,
     batch_size: int = 512,
     progress: bool = False,
+    ranker: SparseRanker | None = None,
+    featurizer: TfidfFeaturizer | None = None,
 ) -> dict[str, float]:
-    """Search `data` and return the metrics of metrics.evaluate (percentages)."""
-    ids, _ = predict(encoder, tensors, data, 100, beam_size, shortlist_size, batch_size, progress)
+    """Search `data` (ELIAS++ when a ranker is given) and return metrics.evaluate's metrics (percentages)."""
+    ids, scores = predict(encoder, tensors, data, 100, beam_size, shortlist_size, batch_size, progress)
+    if ranker is not None:
+        if featurizer is None:
+            raise ValueError("re-ranking needs the tf-idf featurizer")
+        ids, _ = ranker.rerank(featurizer.transform(data), ids, scores)
     return evaluate(ids, data.labels, train_label_counts, num_train)

@@ -16,6 +16,7 @@ from elias_retrieval.data import LabelVocab
 from elias_retrieval.encoders import load_encoder
 from elias_retrieval.features import TfidfFeaturizer
 from elias_retrieval.model import EliasModel
+from elias_retrieval.reranker import SparseRanker, has_ranker
 
 MODEL_TENSORS = "model.safetensors"
 MODEL_META = "model.json"
@@ -33,6 +34,7 @@ class TrainedModel:
     featurizer: TfidfFeaturizer
     meta: dict[str, Any]
     train_label_counts: torch.Tensor  # (L,) training positives per label, for PSP and frequency buckets
+    ranker: SparseRanker | None = None  # ELIAS++ re-ranker, when trained
 
 
 def save_model_dir(
@@ -100,4 +102,5 @@ def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") ->
             getattr(model, name).copy_(t[name])
     model.label_parent = t["label_parent"]
     model.to(device).eval()
-    return TrainedModel(config, model, vocab, featurizer, meta, t["train_label_counts"])
+    ranker = SparseRanker.load(d / "ranker") if has_ranker(d / "ranker") else None
+    return TrainedModel(config, model, vocab, featurizer, meta, t["train_label_counts"], ranker)

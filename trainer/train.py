@@ -17,10 +17,10 @@ from elias_retrieval.features import TfidfFeaturizer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from elias_retrieval.atomic import write_json
+from elias_retrieval.atomic import atomic_dir, write_json
 from elias_retrieval.config import EliasConfig
 from elias_retrieval.encoders import Encoder, EncoderInputs, TfidfEncoder, TransformerEncoder, default_transformer_path
-from elias_retrieval.evaluation import evaluate_split
+from elias_retrieval.evaluation import evaluate_split, predict
 from elias_retrieval.model import EliasModel
 from elias_retrieval.modeldir import TrainedModel, load_model_dir, save_model_dir
 from elias_retrieval.search import cluster_scores
@@ -28,6 +28,7 @@ from trainer import checkpoint
 from trainer.clustering import balanced_clusters, pifa
 from trainer.graph_init import cluster_affinity, init_graph
 from trainer.optim import RowAdam
+from trainer.reranker import choose_fusion_weight, train_ranker
 
 console = Console(stderr=True)
 
@@ -226,6 +227,8 @@ class Trainer:
                  f"({self.timings['graph_init_s']:.1f} s)", self.progress)
             progress_state = {"stage": 2, "epoch": 0, "history": self.history}
         self._run_stage(model, data, inputs, 2, progress_state, state_t, state_m)
+        if cfg.train.reranker:
+            self._train_reranker(data)
         self.timings["total_s"] = time.perf_counter() - t_start + progress_state.get("elapsed_before_s", 0.0)
         best = self.out_dir / "model.json"
         if best.exists():  # record the total time in the selected model's metadata
@@ -308,6 +311,35 @@ class Trainer:
             checkpoint.save_state(self.out_dir, model, opts, scheds, progress)
             self._append_history(record)
         progress_state["epoch"] = epochs
+
+    def _train_reranker(self, data: TrainData) -> None:
+        """ELIAS++: fit the sparse ranker on the selected model's training shortlists; fusion weight from dev."""
+        t0 = time.perf_counter()
+        cfg, t = self.cfg, self.cfg.train
+        best = load_model_dir(self.out_dir, self.device)
+        enc, tensors = best.model.encoder, best.model.search_tensors()
+        beam, K = cfg.model.beam_size, cfg.model.shortlist_size
+        ids, _ = predict(enc, tensors, data.train, 100, beam, K, t.eval_batch_size, self.progress)
+        ranker = train_ranker(data.X_train, data.Y_train, ids, t.reranker_c, t.reranker_threshold,
+                              n_jobs=max(1, t.threads or torch.get_num_threads()), progress=self.progress)
+        report: dict[str, Any] = {"nnz": int(ranker.W.nnz)}
+        if data.dev is not None:
+            dev_ids, dev_scores = predict(enc, tensors, data.dev, 100, beam, K, t.eval_batch_size)
+            weight, by_weight = choose_fusion_weight(
+                ranker, self.featurizer.transform(data.dev), dev_ids, dev_scores, data.dev.labels,
+                data.label_counts, len(data.train), t.select_metric)
+            ranker.fusion_weight = weight
+            report["dev_" + t.select_metric + "_by_fusion_weight"] = {str(k): v for k, v in by_weight.items()}
+        with atomic_dir(self.out_dir / "ranker") as tmp:
+            ranker.save(tmp)
+        self.timings["reranker_s"] = time.perf_counter() - t0
+        report["fusion_weight"] = ranker.fusion_weight
+        _log(f"ELIAS++ ranker: {ranker.W.nnz:,} weights, fusion weight {ranker.fusion_weight} "
+             f"({self.timings['reranker_s']:.1f} s)", self.progress)
+        meta_path = self.out_dir / "model.json"
+        meta = json.loads(meta_path.read_text())
+        meta["reranker"] = report
+        write_json(meta_path, meta)
 
     def _append_history(self, record: dict[str, Any]) -> None:
         with open(self.out_dir / "history.jsonl", "a") as f:

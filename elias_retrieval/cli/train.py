@@ -61,6 +61,7 @@ def eval_(
     shortlist_size: Annotated[int | None, typer.Option(help="Labels shortlisted (default: the model's).")] = None,
     batch_size: Annotated[int, typer.Option(help="Queries per search batch.")] = 512,
     max_points: Annotated[int, typer.Option(help="Evaluate only the first N points (0 = all).")] = 0,
+    rerank: Annotated[bool, typer.Option(help="Apply the ELIAS++ re-ranker when the model has one.")] = True,
 ) -> None:
     """Evaluate a model or an index offline: P@k, nDCG@k, PSP@k, R@k and recall by label frequency."""
     from elias_retrieval.data import read_split
@@ -81,15 +82,18 @@ def eval_(
         fail(f"--beam-size {beam} is larger than the number of clusters ({source.tensors.num_clusters})")
     t0 = time.perf_counter()
     metrics = evaluate_split(source.encoder, source.tensors, data, source.label_counts, source.num_train,
-                             beam, shortlist_size or source.shortlist_size, batch_size, progress=True)
+                             beam, shortlist_size or source.shortlist_size, batch_size, progress=True,
+                             ranker=source.ranker if rerank else None, featurizer=source.featurizer)
+    method = "ELIAS++" if rerank and source.ranker is not None else "ELIAS"
     elapsed = time.perf_counter() - t0
     console.print(format_table(metrics))
+    console.print(f"method: {method}")
     console.print(f"{metrics['num_points']:,} {split} points in {elapsed:.1f} s "
                   f"({1000 * elapsed / max(1, len(data)):.2f} ms per query, encoding included); "
                   f"{metrics['num_points_without_labels']:,} without labels count as 0 for P/nDCG/PSP "
                   "and are left out of R")
     if json_out:
-        write_json(json_out, {**metrics, "split": split, "source": str(model_dir), "beam_size": beam,
+        write_json(json_out, {**metrics, "split": split, "source": str(model_dir), "beam_size": beam, "method": method,
                               "shortlist_size": shortlist_size or source.shortlist_size, "seconds": elapsed})
 
 
@@ -107,6 +111,7 @@ class EvalSource:
             self.beam_size, self.shortlist_size = tm.config.model.beam_size, tm.config.model.shortlist_size
             self.label_counts = tm.train_label_counts.numpy()
             self.num_train = int(tm.meta["num_train"])
+            self.ranker, self.featurizer = tm.ranker, tm.featurizer
         elif is_index_dir(path):
             index = read_index(path)
             self.encoder, self.tensors, self.vocab = index.load_encoder(), index.tensors, index.labels
@@ -116,6 +121,7 @@ class EvalSource:
             self.label_counts = np.asarray(index.manifest["train_label_counts"], dtype=np.int64) \
                 if "train_label_counts" in index.manifest else np.zeros(len(self.vocab), dtype=np.int64)
             self.num_train = int(index.manifest.get("num_train", 1))
+            self.ranker, self.featurizer = None, None
         else:
             raise ValueError(f"{path}: neither a model directory nor an index directory")
 

@@ -1,0 +1,101 @@
+"""Training the ELIAS++ sparse ranker: one squared-hinge linear model per label on its hard negatives."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+from joblib import Parallel, delayed
+from rich.progress import Progress
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.svm import LinearSVC
+
+from elias_retrieval.metrics import evaluate
+from elias_retrieval.reranker import SparseRanker
+
+
+def _fit_labels(X: sp.csr_matrix, cand: sp.csc_matrix, Y: sp.csc_matrix, labels: np.ndarray, c: float,
+                threshold: float) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], np.ndarray]:
+    warnings.simplefilter("ignore", ConvergenceWarning)
+    cols, vals, bias = [], [], np.zeros(len(labels), dtype=np.float32)
+    for j, l in enumerate(labels):
+        rows = cand.indices[cand.indptr[l]: cand.indptr[l + 1]]
+        pos = Y.indices[Y.indptr[l]: Y.indptr[l + 1]]
+        y = np.isin(rows, pos)
+        if len(rows) == 0 or y.all() or not y.any():
+            bias[j] = 1.0 if len(rows) and y.all() else -1.0
+            cols.append(np.zeros(0, dtype=np.int32))
+            vals.append(np.zeros(0, dtype=np.float32))
+            continue
+        svm = LinearSVC(C=c, loss="squared_hinge", dual=True, tol=0.1, max_iter=200)
+        svm.fit(X[rows], y.astype(np.int8))
+        w = svm.coef_.ravel()
+        keep = np.flatnonzero(np.abs(w) >= threshold)
+        cols.append(keep.astype(np.int32))
+        vals.append(w[keep].astype(np.float32))
+        bias[j] = float(svm.intercept_[0])
+    return labels, cols, vals, bias
+
+
+def train_ranker(
+    X: sp.csr_matrix,
+    Y: sp.csr_matrix,
+    shortlist_ids: np.ndarray,
+    c: float = 1.0,
+    threshold: float = 0.1,
+    n_jobs: int = 2,
+    progress: bool = False,
+) -> SparseRanker:
+    """Per label: the training points whose shortlist holds it (hard negatives) plus its positives."""
+    N, L = Y.shape
+    valid = shortlist_ids >= 0
+    rows = np.repeat(np.arange(N), shortlist_ids.shape[1])[valid.ravel()]
+    cand = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, shortlist_ids.ravel()[valid.ravel()])),
+                         shape=(N, L))
+    cand = ((cand + Y) > 0).astype(np.float32).tocsc()
+    cand.sort_indices()
+    Yc = Y.tocsc()
+    Yc.sort_indices()
+    chunks = np.array_split(np.arange(L), max(1, min(L, 64)))
+    W_rows: list[tuple[np.ndarray, list[np.ndarray], list[np.ndarray], np.ndarray]] = []
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("ELIAS++: training the sparse ranker", total=L)
+        for res in Parallel(n_jobs=n_jobs, return_as="generator")(
+            delayed(_fit_labels)(X, cand, Yc, ch, c, threshold) for ch in chunks
+        ):
+            W_rows.append(res)
+            bar.advance(task, len(res[0]))
+    indptr = np.zeros(L + 1, dtype=np.int64)
+    all_cols: list[np.ndarray] = [np.zeros(0, dtype=np.int32)] * L
+    all_vals: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * L
+    bias = np.zeros(L, dtype=np.float32)
+    for labels, cols, vals, b in W_rows:
+        for l, cc, vv in zip(labels, cols, vals, strict=True):
+            all_cols[l], all_vals[l] = cc, vv
+        bias[labels] = b
+    indptr[1:] = np.cumsum([len(cc) for cc in all_cols])
+    W = sp.csr_matrix((np.concatenate(all_vals), np.concatenate(all_cols), indptr), shape=(L, X.shape[1]))
+    return SparseRanker(W, bias)
+
+
+def choose_fusion_weight(
+    ranker: SparseRanker,
+    X_dev: sp.csr_matrix,
+    ids: np.ndarray,
+    scores: np.ndarray,
+    y_dev: sp.csr_matrix,
+    label_counts: np.ndarray,
+    num_train: int,
+    metric: str = "P@5",
+    grid: tuple[float, ...] = (0.0, 0.2, 0.35, 0.5, 0.65, 0.8, 1.0),
+) -> tuple[float, dict[float, float]]:
+    """The fusion weight that maximises `metric` on the dev split."""
+    margins = ranker.margins(X_dev, ids)
+    results: dict[float, float] = {}
+    for w in grid:
+        fused = np.where(ids >= 0, ranker.fuse(scores, margins, w), -1.0)
+        order = np.argsort(-fused, axis=1, kind="stable")
+        results[w] = evaluate(np.take_along_axis(ids, order, 1), y_dev, label_counts, num_train)[metric]
+    best = max(results, key=lambda w: results[w])
+    return best, results
