@@ -10,6 +10,7 @@ Each encoder saves itself as a directory (`encoder.json` + weights) that an inde
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,6 +25,9 @@ from elias_retrieval.data import Dataset
 from elias_retrieval.features import TfidfFeaturizer
 
 ENCODER_FILE = "encoder.json"
+# torch marks its sparse CSR tensors as beta and warns on each construction; the operations used here are stable.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 
 class EncoderError(ValueError):
@@ -130,7 +134,9 @@ class TfidfEncoder(Encoder):
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         rows = self.proj(batch["features"])  # (U, d): each distinct feature once
         n_docs = batch["crow"].shape[0] - 1
-        X = torch.sparse_csr_tensor(batch["crow"], batch["col"], batch["values"], size=(n_docs, rows.shape[0]))
+        X = torch.sparse_csr_tensor(
+            batch["crow"], batch["col"], batch["values"], size=(n_docs, rows.shape[0]), check_invariants=False
+        )
         h = X @ rows + self.bias
         return h + self.hidden(nn.functional.gelu(h))
 

@@ -190,7 +190,7 @@ class Trainer:
         C = cfg.model.num_clusters(L)
         torch.manual_seed(cfg.train.seed)
         encoder = make_encoder(cfg, self.featurizer)
-        model = EliasModel(encoder, L, C, cfg.model.kappa, cfg.model).to(self.device)
+        model = EliasModel(encoder, L, C, min(cfg.model.kappa, L), cfg.model).to(self.device)
 
         state_t, state_m = (checkpoint.load_state(self.out_dir) if resume else ({}, {}))
         progress_state = state_m.get("progress", {})
@@ -220,7 +220,7 @@ class Trainer:
             ids, scores = top_clusters(model, inputs, cfg.train.init_top_clusters, cfg.train.eval_batch_size, self.device)
             aff = cluster_affinity(ids, scores, data.Y_train, C)
             partition = [np.asarray(r[r < L].cpu().numpy()) for r in model.A_ids]
-            A_ids, A_logits = init_graph(aff, partition, cfg.model.kappa)
+            A_ids, A_logits = init_graph(aff, partition, min(cfg.model.kappa, L))
             model.set_graph(A_ids, A_logits, stage=2)
             self.timings["graph_init_s"] = time.perf_counter() - t0
             _log(f"A initialised: {int((A_ids < L).sum()):,} edges, every label covered "

@@ -1,1 +1,125 @@
-"""`elias serve` and `elias search` (owned by the searcher work)."""
+"""`elias serve` (the gRPC searcher) and `elias search` (one query, in-process or over gRPC)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from elias_retrieval.cli.app import app, console, fail, user_errors
+
+if TYPE_CHECKING:
+    from elias_retrieval.searcher import Searcher, SearchResults
+    from elias_retrieval.server import SearchServer
+
+
+@app.command()
+@user_errors
+def serve(
+    index_dir: Annotated[Path, typer.Argument(help="A built index directory.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0 = any free port).")] = 50051,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    threads: Annotated[int, typer.Option(help="torch intra-op threads (0 = torch's default).")] = 0,
+    max_concurrent: Annotated[int, typer.Option(help="Calls served at once; more get RESOURCE_EXHAUSTED.")] = 64,
+    max_message_mb: Annotated[float, typer.Option(help="Largest request or response, in MiB.")] = 4.0,
+    batching: Annotated[bool, typer.Option(help="Search concurrent Search calls as one batch.")] = True,
+    max_batch: Annotated[int, typer.Option(help="Dynamic batching: most queries per batch.")] = 64,
+    max_wait_us: Annotated[int, typer.Option(help="Dynamic batching: longest wait for more queries (us).")] = 500,
+    grace: Annotated[float, typer.Option(help="Shutdown: seconds calls in flight may take to finish.")] = 10.0,
+) -> None:
+    """Serve an index over gRPC (elias.v1.Searcher, health, reflection) until SIGTERM or Ctrl-C."""
+    import torch
+
+    from elias_retrieval.server import ServerConfig
+    from elias_retrieval.server import serve as run_server
+
+    for name, v, lo in (("--max-concurrent", max_concurrent, 1), ("--max-batch", max_batch, 1),
+                        ("--max-wait-us", max_wait_us, 0), ("--threads", threads, 0), ("--port", port, 0)):
+        if v < lo:
+            fail(f"{name} must be at least {lo}, got {v}")
+    if not index_dir.is_dir():
+        fail(f"{index_dir}: no such index directory")
+    if threads:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = ServerConfig(host=host, port=port, max_concurrent_rpcs=max_concurrent,
+                       max_message_bytes=int(max_message_mb * (1 << 20)), batching=batching,
+                       max_batch=max_batch, max_wait_us=max_wait_us, grace_s=grace)
+
+    def ready(server: SearchServer, searcher: Searcher) -> None:
+        info = searcher.info
+        console.print(f"serving [bold]{index_dir}[/] on {server.address}: {info.num_labels:,} labels, "
+                      f"{info.num_clusters:,} clusters, query kinds {', '.join(info.query_kinds)}, "
+                      f"{'dynamic batching' if batching else 'no batching'}", highlight=False)
+
+    run_server(index_dir, cfg, device=device, on_ready=ready)
+
+
+@app.command()
+@user_errors
+def search(
+    args: Annotated[list[str], typer.Argument(help="INDEX_DIR QUERY_TEXT, or just QUERY_TEXT with --server.",
+                                              show_default=False)],
+    server: Annotated[str | None, typer.Option(help="Ask a running `elias serve` at HOST:PORT instead.")] = None,
+    k: Annotated[int | None, typer.Option("-k", "--k", help="Labels returned (default: the index's).")] = None,
+    beam_size: Annotated[int | None, typer.Option(help="Clusters in the beam (default: the index's).")] = None,
+    shortlist_size: Annotated[int | None, typer.Option(help="Labels shortlisted (default: the index's).")] = None,
+    explain: Annotated[bool, typer.Option(help="Show each label's cluster, path and classifier scores.")] = False,
+    device: Annotated[str, typer.Option(help="In-process only: auto, cpu or cuda.")] = "cpu",
+    timeout: Annotated[float, typer.Option(help="--server only: deadline in seconds.")] = 30.0,
+) -> None:
+    """Search one text query and print the ranked labels."""
+    if server:
+        if len(args) != 1:
+            fail("with --server give only the query text")
+        text = args[0]
+        import grpc
+
+        from elias_retrieval.client import SearchClient
+
+        with SearchClient(server, timeout=timeout) as client:
+            t0 = time.perf_counter()
+            try:
+                res = client.search(text=text, k=k, beam_size=beam_size, shortlist_size=shortlist_size,
+                                    explain=explain)
+            except grpc.RpcError as e:
+                fail(f"{server}: {e.code().name}: {e.details()}")  # type: ignore[attr-defined]
+            elapsed = time.perf_counter() - t0
+            version, where = client.last_index_version, server
+    else:
+        if len(args) != 2:
+            fail("give INDEX_DIR and the query text (or --server HOST:PORT and the query text)")
+        index_dir, text = Path(args[0]), args[1]
+        if not index_dir.is_dir():
+            fail(f"{index_dir}: no such index directory")
+        from elias_retrieval.searcher import Searcher
+
+        searcher = Searcher.open(index_dir, device=device, resident=False)
+        t0 = time.perf_counter()
+        res = searcher.search_texts([text], k=k, beam_size=beam_size, shortlist_size=shortlist_size, explain=explain)
+        elapsed = time.perf_counter() - t0
+        version, where = searcher.index_version, str(index_dir)
+    console.print(results_table(res, 0, explain))
+    console.print(f"{len(res.label_ids[0])} labels from {where} (index version {version or '-'}) "
+                  f"in {1000 * elapsed:.1f} ms", highlight=False)
+
+
+def results_table(r: SearchResults, row: int, explain: bool) -> Table:
+    """A rich table of one result row: rank, score, label id, name (and the explanation)."""
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("rank", "score", "label id", "name"):
+        table.add_column(col, justify="right" if col in ("rank", "score") else "left")
+    if explain:
+        for col in ("cluster", "path", "classifier"):
+            table.add_column(col, justify="right")
+    for j, (lid, name) in enumerate(zip(r.label_ids[row], r.label_names[row], strict=True)):
+        cells = [str(j + 1), f"{r.scores[row, j]:.4f}", lid, name]
+        if explain and r.cluster is not None and r.path is not None and r.label_prob is not None:
+            cells += [str(int(r.cluster[row, j])), f"{r.path[row, j]:.4f}", f"{r.label_prob[row, j]:.4f}"]
+        table.add_row(*cells)
+    return table

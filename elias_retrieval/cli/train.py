@@ -77,7 +77,7 @@ def eval_(
     data = read_split(dataset_dir, split, source.data_cfg, vocab=source.vocab)
     if max_points and len(data) > max_points:
         data = data.subset(np.arange(max_points))
-    beam = beam_size or source.beam_size
+    beam = beam_size or min(source.beam_size, source.tensors.num_clusters)
     if beam > source.tensors.num_clusters:
         fail(f"--beam-size {beam} is larger than the number of clusters ({source.tensors.num_clusters})")
     t0 = time.perf_counter()

@@ -1,0 +1,180 @@
+"""In-process search latency and throughput on a synthetic ELIAS index (BENCHMARKS.md, "In-process search latency").
+
+    .venv/bin/python bench/search_latency.py                   # 1M labels, C=16384, kappa=1000, d=256, fp16 W_L
+    .venv/bin/python bench/search_latency.py --labels 100000 --no-write
+
+Embeddings are given (no encoder). Batch 1: p50/p99 of `Searcher.search_embeddings` over distinct random
+queries, with 1 and 2 torch threads. Batch 256: queries/s, and the FLOP/s that the W_C GEMM and the W_L
+shortlist products reach as a fraction of this machine's measured fp32 GEMM FLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from elias_retrieval.search import SearchTensors, cluster_scores, label_logits, shortlist  # noqa: E402
+from elias_retrieval.searcher import Searcher  # noqa: E402
+
+SECTION = "## In-process search latency"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+
+
+def make_tensors(num_labels: int, dim: int, kappa: int, num_clusters: int | None, seed: int) -> SearchTensors:
+    """The shared synthetic index (elias_retrieval.synthetic) when present, else an equivalent random one."""
+    try:
+        from elias_retrieval.synthetic import synthetic_tensors
+
+        return synthetic_tensors(num_labels, dim=dim, kappa=kappa, num_clusters=num_clusters, seed=seed)
+    except ImportError:
+        pass
+    C = num_clusters or 2 ** int(np.ceil(np.log2(num_labels / 100)))
+    g = torch.Generator().manual_seed(seed)
+    A_ids = torch.randint(0, num_labels, (C, kappa), generator=g, dtype=torch.int64)
+    per = -(-num_labels // C)  # every label gets at least one edge
+    cover = torch.cat([torch.randperm(num_labels, generator=g), torch.randint(0, num_labels, (per * C - num_labels,))])
+    A_ids[:, :per] = cover.view(C, per)
+    return SearchTensors(
+        W_C=torch.randn(C, dim, generator=g) * dim**-0.5 * 4, b_C=torch.zeros(C), A_ids=A_ids,
+        A_weights=torch.rand(C, kappa, generator=g), W_L=(torch.randn(num_labels, dim, generator=g) * dim**-0.5).half(),
+        b_L=torch.zeros(num_labels), alpha=10.0,
+    )
+
+
+def machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = re.search(r"Model name:\s*(.+)", out).group(1).strip()  # type: ignore[union-attr]
+    except (OSError, AttributeError):
+        model = platform.processor() or "unknown CPU"
+    import os
+
+    return f"{model}, {os.cpu_count()} cores, 1-min load average {os.getloadavg()[0]:.2f} before the run"
+
+
+def percentiles(ts: list[float]) -> tuple[float, float]:
+    a = np.sort(np.asarray(ts)) * 1e3
+    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
+
+
+def gemm_peak(dim: int, C: int, batch: int = 256, reps: int = 10) -> float:
+    """Best fp32 GEMM FLOP/s of (batch, d) x (d, C) on this machine (the W_C shape)."""
+    a, b = torch.randn(batch, dim), torch.randn(dim, C)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * batch * dim * C / best
+
+
+def write_section(text: str) -> None:
+    old = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    block = f"{SECTION}\n\n{text.strip()}\n\n"
+    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
+    BENCHMARKS.write_text(new.rstrip() + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--labels", type=int, default=1_000_000)
+    ap.add_argument("--clusters", type=int, default=16384)
+    ap.add_argument("--kappa", type=int, default=1000)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--beam", type=int, default=20)
+    ap.add_argument("--shortlist", type=int, default=2000)
+    ap.add_argument("--queries", type=int, default=2000, help="batch-1 queries timed per thread count")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    args = ap.parse_args()
+    machine_desc = machine()  # before the run: the load average says whether the machine was quiet
+
+    t0 = time.perf_counter()
+    raw = make_tensors(args.labels, args.dim, args.kappa, args.clusters, 0)
+    s = Searcher(raw, None, None, {"defaults": {"k": args.k, "beam_size": args.beam,
+                                                "shortlist_size": args.shortlist}}, device="cpu")
+    t = s.tensors
+    del raw
+    print(f"index: L={t.num_labels:,} C={t.num_clusters:,} kappa={t.A_ids.shape[1]} d={t.dim} "
+          f"W_L {t.W_L.dtype}, built in {time.perf_counter() - t0:.1f} s", flush=True)
+    rng = np.random.default_rng(1)
+    cmd = "python bench/search_latency.py " + " ".join(sys.argv[1:])
+    rows = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        embs = rng.normal(size=(args.queries + 50, args.dim)).astype(np.float32)
+        for e in embs[:50]:
+            s.search_embeddings(e[None])
+        ts = []
+        for e in embs[50:]:
+            t1 = time.perf_counter()
+            s.search_embeddings(e[None])
+            ts.append(time.perf_counter() - t1)
+        p50, p99 = percentiles(ts)
+        rows.append((threads, p50, p99))
+        print(f"batch 1, {threads} thread(s): p50 {p50:.3f} ms, p99 {p99:.3f} ms", flush=True)
+
+    torch.set_num_threads(2)
+    B = args.batch
+    peak = gemm_peak(args.dim, t.num_clusters, B)
+    embs = torch.from_numpy(rng.normal(size=(args.batches + 1, B, args.dim)).astype(np.float32))
+    s.search_embeddings(embs[0])
+    t1 = time.perf_counter()
+    for e in embs[1:]:
+        s.search_embeddings(e)
+    qps = args.batches * B / (time.perf_counter() - t1)
+    # The two matrix products, timed on their own inside the same search.
+    t_wc = t_wl = 0.0
+    with torch.inference_mode():
+        for e in embs[1:]:
+            t1 = time.perf_counter()
+            logits = torch.addmm(t.b_C, e, t.W_C.T)
+            t_wc += time.perf_counter() - t1
+            ids, _, _, valid = shortlist(cluster_scores(logits, t.alpha), t.A_ids, t.A_weights, args.beam,
+                                         args.shortlist, t.num_labels)
+            ids = torch.where(valid, ids, torch.zeros_like(ids))
+            t1 = time.perf_counter()
+            label_logits(e, ids, t.W_L, t.b_L, t.W_L_scale)
+            t_wl += time.perf_counter() - t1
+    n = args.batches
+    f_wc, f_wl = 2 * B * t.num_clusters * t.dim, 2 * B * args.shortlist * t.dim
+    frac = (f_wc + f_wl) * n / (t_wc + t_wl) / peak
+    print(f"batch {B}, 2 threads: {qps:,.0f} queries/s; GEMM peak {peak / 1e9:.0f} GFLOP/s; "
+          f"W_C {f_wc * n / t_wc / 1e9:.0f} GFLOP/s ({1e3 * t_wc / n:.1f} ms/batch), "
+          f"W_L {f_wl * n / t_wl / 1e9:.1f} GFLOP/s ({1e3 * t_wl / n:.1f} ms/batch); W_C+W_L {100 * frac:.0f}% of peak")
+
+    if args.no_write:
+        return
+    date = datetime.date.today().isoformat()
+    setup = (f"L = {t.num_labels:,}, C = {t.num_clusters:,}, kappa = {t.A_ids.shape[1]}, d = {t.dim}, "
+             f"W_L {str(t.W_L.dtype).removeprefix('torch.')}, k = {args.k}, beam = {args.beam}, "
+             f"shortlist = {args.shortlist}; embeddings given; CPU")
+    lines = [
+        f"Synthetic index: {setup}. Machine: {machine_desc}. Date: {date}. Command: `{cmd.strip()}`.", "",
+        "| batch | torch threads | p50 (ms) | p99 (ms) | queries/s | W_C + W_L FLOP/s vs GEMM peak |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for threads, p50, p99 in rows:
+        lines.append(f"| 1 | {threads} | {p50:.3f} | {p99:.3f} | {1e3 / p50:,.0f} | |")
+    lines.append(f"| {B} | 2 | | | {qps:,.0f} | {100 * frac:.0f}% (W_C {f_wc * n / t_wc / 1e9:.0f}, "
+                 f"W_L {f_wl * n / t_wl / 1e9:.1f} of {peak / 1e9:.0f} GFLOP/s) |")
+    write_section("\n".join(lines))
+    print(f"wrote {SECTION!r} in {BENCHMARKS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""A small Python client for the `elias.v1.Searcher` service; results come back as `SearchResults`.
+
+    with SearchClient("127.0.0.1:50051") as c:
+        res = c.search(text="common organisation of the market in wine", k=10)
+        res.label_names[0], res.scores[0], c.last_index_version
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from elias_retrieval.proto.elias.v1 import searcher_pb2 as pb
+from elias_retrieval.proto.elias.v1 import searcher_pb2_grpc as pb_grpc
+from elias_retrieval.searcher import Query, SearchResults
+
+
+def query_to_proto(q: Query) -> pb.Query:
+    if q.text is not None:
+        return pb.Query(text=q.text)
+    if q.sparse is not None:
+        idx, val = q.sparse
+        return pb.Query(sparse=pb.SparseFeatures(indices=[int(i) for i in np.asarray(idx).reshape(-1)],
+                                                 values=np.asarray(val, np.float32).reshape(-1).tolist()))
+    if q.embedding is not None:
+        return pb.Query(embedding=pb.DenseEmbedding(values=np.asarray(q.embedding, np.float32).reshape(-1).tolist()))
+    return pb.Query()
+
+
+def params_to_proto(k: int | None, beam_size: int | None, shortlist_size: int | None, explain: bool) -> pb.SearchParams:
+    p = pb.SearchParams(explain=explain)
+    for name, v in (("k", k), ("beam_size", beam_size), ("shortlist_size", shortlist_size)):
+        if v is not None:
+            setattr(p, name, v)
+    return p
+
+
+def results_from_proto(results: Sequence[pb.SearchResult]) -> SearchResults:
+    """Proto results as SearchResults (rows padded with -1 / 0 to the longest)."""
+    k = max((len(r.hits) for r in results), default=0)
+    B = len(results)
+    ids = np.full((B, k), -1, dtype=np.int64)
+    scores = np.zeros((B, k), dtype=np.float32)
+    explain = any(h.HasField("explanation") for r in results for h in r.hits)
+    cluster = np.full((B, k), -1, dtype=np.int64) if explain else None
+    path = np.zeros((B, k), dtype=np.float32) if explain else None
+    prob = np.zeros((B, k), dtype=np.float32) if explain else None
+    for i, r in enumerate(results):
+        for j, h in enumerate(r.hits):
+            ids[i, j], scores[i, j] = h.index, h.score
+            if explain:
+                cluster[i, j] = h.explanation.cluster  # type: ignore[index]
+                path[i, j] = h.explanation.path_score  # type: ignore[index]
+                prob[i, j] = h.explanation.label_score  # type: ignore[index]
+    return SearchResults(ids, scores, [[h.label_id for h in r.hits] for r in results],
+                         [[h.name for h in r.hits] for r in results], cluster, path, prob)
+
+
+class SearchClient:
+    """Blocking client over one channel. Errors are `grpc.RpcError` with the server's status and message."""
+
+    def __init__(self, target: str, timeout: float | None = 30.0, max_message_bytes: int = 4 << 20):
+        self.target = target
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ])
+        self.stub = pb_grpc.SearcherStub(self.channel)
+        self.last_index_version = ""
+
+    def __enter__(self) -> SearchClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the channel connects (not until the index is loaded: see `health`)."""
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """The health status name (SERVING, NOT_SERVING, ...) of `service` ("" = the whole server)."""
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def info(self, timeout: float | None = None) -> pb.IndexInfo:
+        return self.stub.GetIndexInfo(pb.GetIndexInfoRequest(), timeout=timeout or self.timeout)
+
+    def search(
+        self, text: str | None = None, sparse: tuple[Any, Any] | None = None, embedding: Any = None,
+        k: int | None = None, beam_size: int | None = None, shortlist_size: int | None = None,
+        explain: bool = False, timeout: float | None = None,
+    ) -> SearchResults:
+        """One query (give exactly one of text, sparse=(indices, values), embedding); a one-row result."""
+        req = pb.SearchRequest(query=query_to_proto(Query(text=text, sparse=sparse, embedding=embedding)),
+                               params=params_to_proto(k, beam_size, shortlist_size, explain))
+        resp = self.stub.Search(req, timeout=timeout or self.timeout)
+        self.last_index_version = resp.index_version
+        return results_from_proto([resp.result])
+
+    def search_batch(
+        self, queries: Sequence[Query], k: int | None = None, beam_size: int | None = None,
+        shortlist_size: int | None = None, explain: bool = False, timeout: float | None = None,
+    ) -> SearchResults:
+        """Several queries with shared parameters, in one call."""
+        req = pb.SearchBatchRequest(queries=[query_to_proto(q) for q in queries],
+                                    params=params_to_proto(k, beam_size, shortlist_size, explain))
+        resp = self.stub.SearchBatch(req, timeout=timeout or self.timeout)
+        self.last_index_version = resp.index_version
+        return results_from_proto(resp.results)
