@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from elias_retrieval.atomic import atomic_dir, write_json
-from elias_retrieval.config import EliasConfig
+from elias_retrieval.config import EliasConfig, TrainConfig
 from elias_retrieval.encoders import Encoder, EncoderInputs, TfidfEncoder, TransformerEncoder, default_transformer_path
 from elias_retrieval.evaluation import evaluate_split, predict
 from elias_retrieval.model import EliasModel
@@ -88,6 +88,14 @@ def load_data(dataset_dir: Path, cfg: EliasConfig, featurizer: TfidfFeaturizer |
     if Y.nnz == 0:
         raise TrainingError(f"{dataset_dir}: the train split has no labels")
     return featurizer, TrainData(train, dev, X, Y, counts)
+
+
+def stage_epochs(t: TrainConfig, stage: int, steps_per_epoch: int) -> int:
+    """The configured epochs, raised so that the stage runs at least its minimum number of steps."""
+    epochs, min_steps = (t.stage1_epochs, t.stage1_min_steps) if stage == 1 else (t.stage2_epochs, t.stage2_min_steps)
+    if epochs == 0:
+        return 0
+    return max(epochs, math.ceil(min_steps / max(1, steps_per_epoch)))
 
 
 def _schedule(total_steps: int, warmup_fraction: float):
@@ -240,10 +248,10 @@ class Trainer:
     def _run_stage(self, model: EliasModel, data: TrainData, inputs: EncoderInputs, stage: int,
                    progress_state: dict[str, Any], state_t: dict, state_m: dict) -> None:
         cfg, t = self.cfg, self.cfg.train
-        epochs = t.stage1_epochs if stage == 1 else t.stage2_epochs
-        lam = t.lambda_stage1 if stage == 1 else t.lambda_stage2
         n = len(inputs)
         steps_per_epoch = math.ceil(n / t.batch_size)
+        epochs = stage_epochs(t, stage, steps_per_epoch)
+        lam = t.lambda_stage1 if stage == 1 else t.lambda_stage2
         opts, scheds = make_optimizers(model, cfg, stage, max(1, epochs * steps_per_epoch))
         start_epoch = int(progress_state.get("epoch", 0))
         best_metric = float(progress_state.get("best_metric", -1.0))

@@ -118,8 +118,9 @@ class EvalSource:
             self.data_cfg = EliasConfig.from_dict(index.manifest.get("config", {})).data
             self.beam_size = int(index.defaults["beam_size"])
             self.shortlist_size = int(index.defaults["shortlist_size"])
-            self.label_counts = np.asarray(index.manifest["train_label_counts"], dtype=np.int64) \
-                if "train_label_counts" in index.manifest else np.zeros(len(self.vocab), dtype=np.int64)
+            counts = index.train_label_counts
+            self.label_counts = (np.asarray(counts, dtype=np.int64) if counts is not None
+                                 else np.zeros(len(self.vocab), dtype=np.int64))
             self.num_train = int(index.manifest.get("num_train", 1))
             self.ranker, self.featurizer = None, None
         else:

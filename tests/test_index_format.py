@@ -1,0 +1,290 @@
+"""The index format: round trip, memory mapping, every refusal, atomic writes, compact dtypes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from elias_retrieval import index_format as fmt
+from elias_retrieval.data import LabelVocab
+from elias_retrieval.index_format import IndexFormatError, is_index_dir, read_index, verify_index, write_index
+from elias_retrieval.search import SearchTensors, search
+from elias_retrieval.synthetic import synthetic_queries, synthetic_tensors
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULTS = {"k": 10, "beam_size": 8, "shortlist_size": 400}
+
+
+def vocab(n: int) -> LabelVocab:
+    return LabelVocab([f"label-{i}" for i in range(n)], [None] * (n - 1) + ["the last label"])
+
+
+def build(path: Path, t: SearchTensors, dtype: str = "fp32", **kw) -> Path:
+    write_index(path, t, vocab(t.num_labels), None, dtype=dtype, defaults=DEFAULTS, meta={"num_train": 7}, **kw)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small() -> SearchTensors:
+    return synthetic_tensors(3000, dim=32, kappa=150, seed=3, dtype="fp32")
+
+
+@pytest.fixture()
+def index_dir(tmp_path: Path, small: SearchTensors) -> Path:
+    return build(tmp_path / "idx", small, train_label_counts=torch.arange(small.num_labels))
+
+
+def test_round_trip_gives_back_the_tensors_labels_and_manifest(index_dir: Path, small: SearchTensors):
+    assert is_index_dir(index_dir)
+    ix = read_index(index_dir, verify=True)
+    t = ix.tensors
+    for name in ("W_C", "b_C", "A_weights", "W_L", "b_L"):
+        assert torch.equal(getattr(t, name), getattr(small, name)), name
+    assert t.A_ids.dtype == torch.int32 and torch.equal(t.A_ids.long(), small.A_ids)
+    assert t.alpha == small.alpha and t.W_L_scale is None
+    assert torch.equal(ix.train_label_counts, torch.arange(small.num_labels))
+    assert ix.labels.ids[:2] == ["label-0", "label-1"] and ix.labels.names[-1] == "the last label"
+    assert ix.labels.names[0] is None and len(ix.labels) == small.num_labels
+    assert ix.defaults == DEFAULTS and ix.manifest["num_train"] == 7
+    assert ix.manifest["format"] == fmt.FORMAT_NAME and ix.manifest["version"] == fmt.FORMAT_VERSION
+    assert ix.load_encoder() is None
+    q, _ = synthetic_queries(small, 20)
+    a, b = search(q, small, k=10, beam_size=8), search(q, t, k=10, beam_size=8)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.scores, b.scores)
+
+
+def test_tensor_file_is_plain_safetensors(index_dir: Path, small: SearchTensors):
+    loaded = load_file(str(index_dir / fmt.TENSORS))
+    assert torch.equal(loaded["W_L"], small.W_L) and torch.equal(loaded["A_ids"].long(), small.A_ids)
+
+
+def test_read_index_maps_the_file_without_copying(tmp_path: Path):
+    t = synthetic_tensors(100_000, dim=256, kappa=200, dtype="fp16")  # W_L: 51 MB
+    build(tmp_path / "big", t, "fp16")
+    del t
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    ix = read_index(tmp_path / "big")
+    grown = proc.memory_info().rss - before
+    assert grown < 8 << 20, f"RSS grew {grown / 2**20:.1f} MiB on load"
+    # Writing to a mapped tensor never reaches the file (copy-on-write mapping).
+    ix.tensors.W_L[0] = 0
+    verify_index(tmp_path / "big")
+
+
+def test_no_pickle_on_the_load_path(index_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    import pickle
+
+    def refuse(*a, **k):
+        raise AssertionError("pickle used on the load path")
+
+    for mod, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
+        monkeypatch.setattr(mod, name, refuse)
+    ix = read_index(index_dir, verify=True)
+    search(torch.randn(2, ix.tensors.dim), ix.tensors, k=5)
+    assert len(ix.labels) == ix.tensors.num_labels
+
+
+@pytest.mark.parametrize("dtype,min_overlap", [("fp16", 0.99), ("int8", 0.95)])
+def test_compact_label_weights_agree_with_fp32(tmp_path: Path, dtype: str, min_overlap: float):
+    t = synthetic_tensors(20_000, dim=64, kappa=400, seed=1, noise=1.0, dtype="fp32")
+    ix = read_index(build(tmp_path / dtype, t, dtype))
+    assert ix.tensors.W_L.dtype == fmt.LABEL_DTYPES[dtype]
+    assert (ix.tensors.W_L_scale is not None) == (dtype == "int8")
+    q, _ = synthetic_queries(t, 200, seed=2, noise=1.0)
+    ref, got = (search(q, x, k=10, beam_size=16, shortlist_size=400) for x in (t, ix.tensors))
+    pairs = zip(ref.ids.tolist(), got.ids.tolist(), strict=True)
+    overlap = sum(len(set(a) & set(b)) for a, b in pairs) / ref.ids.numel()
+    print(f"{dtype} vs fp32: top-10 overlap {overlap:.4f}")
+    assert overlap >= min_overlap
+
+
+def test_int8_quantisation_error_is_within_half_a_step():
+    W = torch.randn(50, 16)
+    W[3] = 0
+    q, s = fmt.quantize_int8(W)
+    assert q.dtype == torch.int8 and s[3] == 1
+    assert ((q.float() * s[:, None] - W).abs() <= s[:, None] / 2 + 1e-7).all()
+
+
+# ----- refusals: each names the file and the problem
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("rel", [fmt.TENSORS, fmt.LABELS])
+def test_flipped_byte_is_refused_by_verify(index_dir: Path, rel: str):
+    f = index_dir / rel
+    flip_byte(f, f.stat().st_size - 3)
+    read_index(index_dir)  # sizes and header still fine: a plain load does not hash
+    with pytest.raises(IndexFormatError, match=f"{rel}: sha256 mismatch"):
+        verify_index(index_dir)
+    with pytest.raises(IndexFormatError, match="sha256 mismatch"):
+        read_index(index_dir, verify=True)
+
+
+def test_truncated_file_is_refused_at_load(index_dir: Path):
+    f = index_dir / fmt.TENSORS
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size - 100)
+    with pytest.raises(IndexFormatError, match=r"tensors\.safetensors: \d+ bytes, manifest.json says \d+ \(truncated"):
+        read_index(index_dir)
+
+
+@pytest.mark.parametrize("rel", [fmt.TENSORS, fmt.LABELS])
+def test_missing_file_is_refused_at_load(index_dir: Path, rel: str):
+    (index_dir / rel).unlink()
+    with pytest.raises(IndexFormatError, match=f"{rel}: missing"):
+        read_index(index_dir)
+
+
+def test_missing_manifest_is_refused(index_dir: Path):
+    (index_dir / fmt.MANIFEST).unlink()
+    assert not is_index_dir(index_dir)
+    with pytest.raises(IndexFormatError, match="manifest.json: missing"):
+        read_index(index_dir)
+
+
+def edit_manifest(index_dir: Path, edit) -> None:
+    p = index_dir / fmt.MANIFEST
+    m = json.loads(p.read_text())
+    edit(m)
+    p.write_text(json.dumps(m))
+
+
+def test_unknown_version_is_refused(index_dir: Path):
+    edit_manifest(index_dir, lambda m: m.update(version=2))
+    with pytest.raises(IndexFormatError, match="manifest.json: unknown format version 2"):
+        read_index(index_dir)
+
+
+def test_other_format_is_refused(index_dir: Path):
+    edit_manifest(index_dir, lambda m: m.update(format="something-else"))
+    with pytest.raises(IndexFormatError, match="manifest.json: not an elias-index manifest"):
+        read_index(index_dir)
+
+
+def test_shape_disagreeing_with_manifest_is_refused(index_dir: Path):
+    edit_manifest(index_dir, lambda m: m["model"].update(num_labels=m["model"]["num_labels"] + 1))
+    with pytest.raises(IndexFormatError, match=r"tensors\.safetensors: tensor W_L is \('float32', \[3000, 32\]\)"):
+        read_index(index_dir)
+
+
+def test_corrupt_safetensors_header_is_refused(index_dir: Path):
+    f = index_dir / fmt.TENSORS
+    flip_byte(f, 9)  # inside the JSON header
+    edit_manifest(index_dir, lambda m: None)
+    with pytest.raises(IndexFormatError, match=r"tensors\.safetensors: "):
+        read_index(index_dir)
+
+
+def test_pickle_files_are_never_listed_or_written(index_dir: Path, tmp_path: Path, small: SearchTensors):
+    edit_manifest(index_dir, lambda m: m["files"].update({"encoder/pytorch_model.bin": {"bytes": 1, "sha256": ""}}))
+    with pytest.raises(IndexFormatError, match="refusing listed file 'encoder/pytorch_model.bin'"):
+        read_index(index_dir)
+    enc = tmp_path / "enc"
+    enc.mkdir()
+    (enc / "encoder.json").write_text('{"kind": "transformer"}')
+    (enc / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="pickle"):
+        write_index(tmp_path / "x", small, vocab(small.num_labels), enc, dtype="fp16", defaults=DEFAULTS, meta={})
+
+
+def test_bad_labels_file_is_refused_on_first_use(index_dir: Path):
+    f = index_dir / fmt.LABELS
+    f.write_text(f.read_text().replace('{"id":"label-5"}', '{"id":"label-5"'))
+    edit_manifest(index_dir, lambda m: m["files"][fmt.LABELS].update(bytes=f.stat().st_size))
+    ix = read_index(index_dir)
+    with pytest.raises(IndexFormatError, match=r"labels\.jsonl: line 6 is not valid JSON"):
+        ix.labels  # noqa: B018
+
+
+def test_write_refuses_inconsistent_input(tmp_path: Path, small: SearchTensors):
+    with pytest.raises(ValueError, match="dtype"):
+        build(tmp_path / "a", small, "bf8")
+    with pytest.raises(ValueError, match="labels in the vocabulary"):
+        write_index(tmp_path / "b", small, vocab(5), None, dtype="fp16", defaults=DEFAULTS, meta={})
+    with pytest.raises(ValueError, match="manifest keys"):
+        write_index(tmp_path / "c", small, vocab(small.num_labels), None, dtype="fp16", defaults=DEFAULTS,
+                    meta={"version": 9})
+    raw = SearchTensors(small.W_C, small.b_C, small.A_ids, small.A_weights * 3, small.W_L, small.b_L, 1.0)
+    with pytest.raises(ValueError, match="normalised"):
+        build(tmp_path / "d", raw)
+    assert not any(p.name != "a" and p.exists() for p in tmp_path.iterdir() if p.name in "bcd")
+
+
+# ----- atomicity
+
+
+def test_failed_write_keeps_the_previous_index(index_dir: Path, small: SearchTensors, monkeypatch: pytest.MonkeyPatch):
+    before = (index_dir / fmt.MANIFEST).read_text()
+    real = fmt._write_hashed
+
+    def crash_after_tensors(path, chunks, advance):
+        if path.name == fmt.LABELS:
+            raise OSError("disk full (simulated)")
+        return real(path, chunks, advance)
+
+    monkeypatch.setattr(fmt, "_write_hashed", crash_after_tensors)
+    with pytest.raises(OSError, match="simulated"):
+        build(index_dir, small, "int8")
+    assert (index_dir / fmt.MANIFEST).read_text() == before
+    verify_index(index_dir)
+    assert sorted(p.name for p in index_dir.parent.iterdir()) == ["idx"]  # no temporary left behind
+
+
+def test_killed_write_leaves_the_previous_index_and_nothing_that_loads(index_dir: Path):
+    before = (index_dir / fmt.MANIFEST).read_text()
+    script = textwrap.dedent(f"""
+        import os, signal
+        from elias_retrieval import index_format as fmt
+        from elias_retrieval.data import LabelVocab
+        from elias_retrieval.synthetic import synthetic_tensors
+        real = fmt._write_hashed
+        def killed_mid_write(path, chunks, advance):
+            def gen():
+                for i, c in enumerate(chunks):
+                    if i == 2:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    yield c
+            return real(path, gen(), advance)
+        fmt._write_hashed = killed_mid_write
+        fmt._CHUNK = 4096
+        t = synthetic_tensors(3000, dim=32, kappa=150, seed=4)
+        fmt.write_index({str(index_dir)!r}, t, LabelVocab([str(i) for i in range(3000)], []), None,
+                        dtype="fp16", defaults={DEFAULTS!r}, meta={{}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    assert (index_dir / fmt.MANIFEST).read_text() == before
+    verify_index(index_dir)
+    leftovers = [p for p in index_dir.parent.iterdir() if p.name != "idx"]
+    assert leftovers and all(p.name.startswith(".idx.") for p in leftovers)
+    for p in leftovers:  # the half-written temporary has no manifest: it never loads
+        assert (p / fmt.TENSORS).exists() and not is_index_dir(p)
+        with pytest.raises(IndexFormatError, match="missing"):
+            read_index(p)
+
+
+def test_index_directory_is_readable_by_others(index_dir: Path):
+    mode = os.stat(index_dir).st_mode & 0o777
+    assert mode == 0o777 & ~_umask()
+
+
+def _umask() -> int:
+    u = os.umask(0)
+    os.umask(u)
+    return u
