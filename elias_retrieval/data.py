@@ -208,6 +208,24 @@ def _xc_lines(path: Path) -> Iterator[tuple[int, str]]:
         yield from enumerate(f, 1)
 
 
+def _first_bad(tokens: list[str], parse: type) -> str:
+    for x in tokens:
+        try:
+            parse(x)
+        except ValueError:
+            return x
+    return tokens[0] if tokens else ""
+
+
+def _ints(tokens: list[str], path: Path, lineno: int, what: str) -> list[int]:
+    """Parse integer ids; the error names the first token that is not one."""
+    try:
+        return [int(x) for x in tokens]
+    except ValueError:
+        bad = _first_bad(tokens, int)
+        raise DataFormatError(f"{path}:{lineno}: {what} id {bad!r} is not an integer") from None
+
+
 def _read_xc(path: Path, vocab: LabelVocab | None, max_rows: int) -> Dataset:
     lines = _xc_lines(path)
     try:
@@ -229,24 +247,30 @@ def _read_xc(path: Path, vocab: LabelVocab | None, max_rows: int) -> Dataset:
             if line.strip():
                 raise DataFormatError(f"{path}:{lineno}: more rows than the header's {N}")
             continue
-        line = line.rstrip("\n")
-        if not line.strip():
-            raise DataFormatError(f"{path}:{lineno}: empty line")
+        line = line.rstrip("\r\n")
+        if not line:
+            raise DataFormatError(f"{path}:{lineno}: empty line (a point with no labels starts with a space)")
         first, _, rest = line.partition(" ")
-        try:
-            labs = [int(x) for x in first.split(",")] if first else []
-        except ValueError:
-            raise DataFormatError(f"{path}:{lineno}: labels {first!r} are not comma-separated integers") from None
+        labs = _ints(first.split(",") if first else [], path, lineno, "label")
         if labs and (min(labs) < 0 or max(labs) >= L):
-            raise DataFormatError(f"{path}:{lineno}: label id out of range [0, {L})")
+            bad = next(x for x in labs if x < 0 or x >= L)
+            raise DataFormatError(f"{path}:{lineno}: label id {bad} out of range [0, {L})")
+        fi_tok, fv_tok = [], []
+        for tok in rest.split():
+            f_id, sep, f_val = tok.partition(":")
+            if not sep:
+                raise DataFormatError(f"{path}:{lineno}: feature {tok!r} is not an 'id:value' pair")
+            fi_tok.append(f_id)
+            fv_tok.append(f_val)
+        fi = _ints(fi_tok, path, lineno, "feature")
         try:
-            pairs = [tok.split(":") for tok in rest.split()]
-            fi = [int(a) for a, _ in pairs]
-            fv = [float(b) for _, b in pairs]
+            fv = [float(v) for v in fv_tok]
         except ValueError:
-            raise DataFormatError(f"{path}:{lineno}: features must be 'id:value' pairs of numbers") from None
+            bad = _first_bad(fv_tok, float)
+            raise DataFormatError(f"{path}:{lineno}: feature value {bad!r} is not a number") from None
         if fi and (min(fi) < 0 or max(fi) >= F):
-            raise DataFormatError(f"{path}:{lineno}: feature id out of range [0, {F})")
+            bad = next(x for x in fi if x < 0 or x >= F)
+            raise DataFormatError(f"{path}:{lineno}: feature id {bad} out of range [0, {F})")
         lab_idx += labs
         lab_ptr.append(len(lab_idx))
         feat_idx += fi
@@ -293,11 +317,16 @@ def _read_npz(path: Path, vocab: LabelVocab | None, max_rows: int) -> Dataset:
 
 
 def read_split(
-    dataset_dir: str | Path, split: str, cfg: DataConfig | None = None, vocab: LabelVocab | None = None,
+    dataset_dir: str | Path, split: str, data_cfg: DataConfig | None = None, vocab: LabelVocab | None = None,
     max_rows: int = 0,
 ) -> Dataset:
-    """Read one split. Without `vocab` (the train split) the label vocabulary is built from it."""
-    cfg = cfg or DataConfig()
+    """Read one split (at most `max_rows` rows when > 0).
+
+    Without `vocab` (the train split) the label vocabulary is built from the split: the sorted label ids
+    of JSON lines, or all `L` ids the XC / .npz file declares. Labels outside a given `vocab` get extra
+    columns past it. Raises `DataFormatError` naming the file, line and problem.
+    """
+    cfg = data_cfg or DataConfig()
     path = find_split(dataset_dir, split)
     name = path.name
     if name.endswith(_TEXT_SUFFIXES):

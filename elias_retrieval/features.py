@@ -13,6 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from joblib import Parallel, delayed
+from rich.progress import track
 from safetensors.torch import load_file
 from sklearn.feature_extraction.text import TfidfTransformer, TfidfVectorizer
 
@@ -44,6 +45,9 @@ def _finish(X: sp.spmatrix) -> sp.csr_matrix:
 
 
 class TfidfFeaturizer:
+    """Text: scikit-learn TfidfVectorizer (word 1..ngram_max-grams, sublinear tf, min_df, max_features, lowercase,
+    float32, l2 rows). Given sparse features: idf re-weighting (TfidfTransformer semantics, l2 rows)."""
+
     def __init__(self, kind: str, cfg: FeatureConfig, transformer: TfidfVectorizer | TfidfTransformer,
                  num_features: int):
         if kind not in ("text", "sparse"):
@@ -57,18 +61,42 @@ class TfidfFeaturizer:
     @classmethod
     def fit(cls, data: Dataset, cfg: FeatureConfig) -> TfidfFeaturizer:
         """Fit on a dataset's texts (kind "text") or, when it has none, its given features (kind "sparse")."""
-        if data.texts is not None:
-            vec = _vectorizer(cfg).fit(data.texts)
-            if not vec.vocabulary_:
-                raise FeatureError("no terms survive tf-idf's min_df / vocabulary limits")
-            return cls("text", cfg, vec, len(vec.vocabulary_))
-        if data.features is None:
-            raise FeatureError("dataset has neither texts nor features")
-        tr = TfidfTransformer(sublinear_tf=cfg.sublinear_tf).fit(data.features)
-        return cls("sparse", cfg, tr, data.features.shape[1])
+        return cls._fit(data, cfg, transform=False)[0]
 
-    def transform(self, data: Dataset | list[str] | sp.spmatrix, n_jobs: int = 2) -> sp.csr_matrix:
-        """tf-idf rows (l2-normalised, float32, sorted indices) for a dataset, raw texts or raw features."""
+    @classmethod
+    def fit_transform(cls, data: Dataset, cfg: FeatureConfig) -> tuple[TfidfFeaturizer, sp.csr_matrix]:
+        """Fit on `data` and return the featurizer with `data`'s features, in one pass over the texts.
+
+        The features equal `fit(data, cfg).transform(data)`.
+        """
+        feat, X = cls._fit(data, cfg, transform=True)
+        assert X is not None
+        return feat, X
+
+    @classmethod
+    def _fit(cls, data: Dataset, cfg: FeatureConfig, transform: bool) -> tuple[TfidfFeaturizer, sp.csr_matrix | None]:
+        if data.texts is not None:
+            vec = _vectorizer(cfg)
+            try:
+                X = vec.fit_transform(data.texts) if transform else vec.fit(data.texts)
+            except ValueError as e:  # sklearn: "empty vocabulary" / "max_df corresponds to < documents than min_df"
+                raise FeatureError(f"cannot fit tf-idf on these texts: {e}") from e
+            feat = cls("text", cfg, vec, len(vec.vocabulary_))
+        elif data.features is not None:
+            tr = TfidfTransformer(sublinear_tf=cfg.sublinear_tf)
+            X = tr.fit_transform(data.features) if transform else tr.fit(data.features)
+            feat = cls("sparse", cfg, tr, data.features.shape[1])
+        else:
+            raise FeatureError("dataset has neither texts nor features")
+        return feat, _finish(X) if transform else None
+
+    def transform(self, data: Dataset | list[str] | sp.spmatrix, show_progress: bool = False,
+                  n_jobs: int = 2) -> sp.csr_matrix:
+        """tf-idf rows (l2-normalised, float32, sorted indices) for a dataset, raw texts or raw features.
+
+        Many texts are transformed in chunks by `n_jobs` worker processes (joblib); `show_progress` shows a
+        progress bar over the chunks.
+        """
         if isinstance(data, Dataset):
             data = data.texts if self.kind == "text" else data.features  # type: ignore[assignment]
             if data is None:
@@ -76,19 +104,31 @@ class TfidfFeaturizer:
                                    f"{'texts' if self.kind == 'text' else 'sparse features'}")
         if self.kind == "text":
             if not isinstance(data, list):
-                raise FeatureError("a text featurizer transforms texts")
-            if len(data) < _PARALLEL_MIN_TEXTS or n_jobs <= 1:
-                return _finish(self._t.transform(data))
-            chunks = np.array_split(np.arange(len(data)), n_jobs)
-            parts = Parallel(n_jobs=n_jobs)(delayed(self._t.transform)([data[i] for i in c]) for c in chunks)
-            return _finish(sp.vstack(parts))
+                raise FeatureError("a text featurizer transforms a list of texts")
+            return self._transform_texts(data, show_progress, n_jobs)
         if not sp.issparse(data):
-            raise FeatureError("a sparse featurizer transforms sparse feature matrices")
+            raise FeatureError("a sparse featurizer transforms sparse feature matrices, not texts")
         if data.shape[1] != self._num_features:
             raise FeatureError(f"expected {self._num_features} features, got {data.shape[1]}")
-        return _finish(self._t.transform(data))
+        return _finish(self._t.transform(sp.csr_matrix(data, dtype=np.float32)))
+
+    def _transform_texts(self, texts: list[str], show_progress: bool, n_jobs: int) -> sp.csr_matrix:
+        if len(texts) < _PARALLEL_MIN_TEXTS and not show_progress:
+            return _finish(self._t.transform(texts))
+        # One chunk per worker; more (for a finer progress bar) only when progress is shown.
+        n_chunks = max(1, min(len(texts) // 1000, (4 if show_progress else 1) * max(n_jobs, 1)))
+        bounds = np.linspace(0, len(texts), n_chunks + 1).astype(int)
+        chunks = [texts[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        if n_jobs > 1 and len(texts) >= _PARALLEL_MIN_TEXTS:
+            parts = Parallel(n_jobs=n_jobs, return_as="generator")(delayed(self._t.transform)(c) for c in chunks)
+        else:
+            parts = (self._t.transform(c) for c in chunks)
+        if show_progress:
+            parts = track(parts, total=len(chunks), description="tf-idf", transient=True)
+        return _finish(sp.vstack(list(parts), format="csr"))
 
     def save(self, directory: str | Path) -> None:
+        """Write featurizer.json, vocab.json (text kind) and idf.safetensors into `directory`, atomically each."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         idf = torch.from_numpy(np.asarray(self._t.idf_, dtype=np.float32))
@@ -104,10 +144,11 @@ class TfidfFeaturizer:
 
     @classmethod
     def load(cls, directory: str | Path) -> TfidfFeaturizer:
+        """Read a directory written by `save` (JSON + safetensors, no pickle)."""
         d = Path(directory)
         try:
             meta = json.loads((d / "featurizer.json").read_text())
-            idf = load_file(str(d / "idf.safetensors"))["idf"].numpy().astype(np.float64)
+            idf = load_file(str(d / "idf.safetensors"))["idf"].numpy()
         except FileNotFoundError as e:
             raise FeatureError(f"{d}: not a featurizer directory ({e.filename} missing)") from e
         except (json.JSONDecodeError, KeyError) as e:

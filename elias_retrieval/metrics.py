@@ -23,16 +23,26 @@ def inverse_propensity(train_label_counts: np.ndarray, num_train: int, a: float 
     return 1.0 + c * np.power(np.asarray(train_label_counts, dtype=np.float64) + b, -a)
 
 
-def _hits(pred_ids: np.ndarray, y: sp.csr_matrix) -> np.ndarray:
-    """(N, k) bool: is the prediction at each rank a true label of its point?"""
-    n, k = pred_ids.shape
+def _valid_preds(pred_ids: np.ndarray, ncols: int) -> np.ndarray:
+    """Predictions with padding (-1) and ids past `y_true`'s columns mapped to the never-true column `ncols`."""
+    p = np.asarray(pred_ids, dtype=np.int64)
+    return np.where((p >= 0) & (p < ncols), p, ncols)
+
+
+def _hits(pred: np.ndarray, y: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """(N, k) bool: is the prediction at each rank a true label of its point? (`pred` from `_valid_preds`)
+
+    Also returns (N, k) positions into `y.indices` of the matched true labels (valid where a hit).
+    """
+    n = pred.shape[0]
     width = np.int64(y.shape[1] + 1)
     rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(y.indptr))
     y_keys = rows * width + y.indices.astype(np.int64)  # sorted: CSR rows in order, indices sorted
-    p_keys = np.arange(n, dtype=np.int64)[:, None] * width + pred_ids.astype(np.int64)
-    pos = np.clip(np.searchsorted(y_keys, p_keys), 0, max(len(y_keys) - 1, 0))
-    found = y_keys[pos] == p_keys if len(y_keys) else np.zeros_like(p_keys, dtype=bool)
-    return found & (pred_ids >= 0)
+    if not len(y_keys):
+        return np.zeros(pred.shape, dtype=bool), np.zeros(pred.shape, dtype=np.int64)
+    p_keys = np.arange(n, dtype=np.int64)[:, None] * width + pred
+    pos = np.minimum(np.searchsorted(y_keys, p_keys), len(y_keys) - 1)
+    return y_keys[pos] == p_keys, pos
 
 
 def evaluate(
@@ -48,13 +58,17 @@ def evaluate(
     `pred_ids` (N, k): ranked label ids, -1 for padding. `y_true` (N, L_total) binary CSR; columns past
     `len(train_label_counts)` are labels unseen in training.
     """
-    y = sp.csr_matrix(y_true)
+    y = sp.csr_matrix(y_true, copy=True)
+    y.eliminate_zeros()
     y.sum_duplicates()
     y.sort_indices()
-    n, k = pred_ids.shape
+    if pred_ids.ndim != 2:
+        raise ValueError(f"pred_ids must be (N, k), got shape {pred_ids.shape}")
+    n = pred_ids.shape[0]
     if y.shape[0] != n:
         raise ValueError(f"{n} predictions for {y.shape[0]} points")
-    hits = _hits(pred_ids, y)
+    pred_ids = _valid_preds(pred_ids, y.shape[1])  # invalid ids -> column y.shape[1], never a hit
+    hits, hit_pos = _hits(pred_ids, y)
     n_true = np.diff(y.indptr)
     has = n_true > 0
     counts = np.zeros(y.shape[1], dtype=np.float64)
@@ -68,22 +82,21 @@ def evaluate(
         idcg = np.concatenate([[0.0], np.cumsum(disc[:kk])])[np.minimum(n_true, kk)]
         out[f"nDCG@{kk}"] = 100.0 * np.where(has, dcg / np.where(has, idcg, 1.0), 0.0).mean() if n else 0.0
     ip = inverse_propensity(counts, num_train, psp_a, psp_b)
+    ip_pad = np.append(ip, 0.0)
     # The best achievable PSP numerator: each point's k largest inverse propensities among its true labels.
     rows = np.repeat(np.arange(n), n_true)
     order = np.lexsort((-ip[y.indices], rows))
     rank = np.arange(len(order)) - y.indptr[rows[order]]
     for kk in PRECISION_KS:
-        num = (hits[:, :kk] * ip[np.maximum(pred_ids[:, :kk], 0)]).sum()
+        num = (hits[:, :kk] * ip_pad[pred_ids[:, :kk]]).sum()
         best = np.where(rank < kk, ip[y.indices[order]], 0.0).sum()
         out[f"PSP@{kk}"] = 100.0 * num / best if best > 0 else 0.0
     for kk in RECALL_KS:
         r = hits[has, :kk].sum(1) / n_true[has]
         out[f"R@{kk}"] = 100.0 * r.mean() if has.any() else 0.0
     # Recall@100 by the label's number of training positives, micro-averaged over (point, label) pairs.
-    width = np.int64(y.shape[1] + 1)
-    p_keys = np.sort((np.arange(n, dtype=np.int64)[:, None] * width + pred_ids[:, :100])[pred_ids[:, :100] >= 0])
-    y_keys = rows.astype(np.int64) * width + y.indices
-    found = np.isin(y_keys, p_keys, assume_unique=False)
+    found = np.zeros(y.nnz, dtype=bool)  # per stored true label: found in the point's top 100
+    found[hit_pos[:, :100][hits[:, :100]]] = True
     label_n = counts[y.indices]
     for lo, hi, name in BUCKETS:
         sel = (label_n >= lo) & (label_n <= hi)

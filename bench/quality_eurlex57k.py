@@ -1,0 +1,144 @@
+"""ELIAS vs PECOS XR-Linear on EURLEX57K, side by side in one run (issue: quality benchmark).
+
+    python bench/quality_eurlex57k.py                       # full run; writes "## Quality on EURLEX57K"
+    python bench/quality_eurlex57k.py --set train.stage1_epochs=8
+    python bench/quality_eurlex57k.py --quick --no-write    # a small smoke run (used by the test suite)
+
+ELIAS is trained with `elias train` (model selection on dev), evaluated on test with and without the
+ELIAS++ re-ranker. XR-Linear runs on the same tf-idf features (the same featurizer config, fitted anew and
+timed) in its own virtual environment. Training times include featurisation for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import ROOT, command_line, machine, today, write_section  # noqa: E402
+
+from elias_retrieval.config import EliasConfig  # noqa: E402
+from elias_retrieval.data import read_split  # noqa: E402
+from elias_retrieval.features import TfidfFeaturizer  # noqa: E402
+from elias_retrieval.metrics import evaluate  # noqa: E402
+
+SECTION = "## Quality on EURLEX57K"
+COLUMNS = ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5", "R@10", "R@100")
+
+
+def run_measured(cmd: list[str]) -> tuple[float, float]:
+    """Run a command; its wall time (s) and the peak RSS of the largest child so far (MB)."""
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise SystemExit(f"command failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
+    return wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def elias_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "elias_retrieval", *args]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "eurlex57k")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-eurlex57k")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="elias train --set section.key=value")
+    ap.add_argument("--quick", action="store_true", help="tiny run: 2,000 training points, 1 epoch per stage")
+    ap.add_argument("--skip-xrlinear", action="store_true")
+    ap.add_argument("--no-write", action="store_true", help="print the table instead of writing BENCHMARKS.md")
+    args = ap.parse_args()
+    overrides = list(args.overrides)
+    if args.quick:
+        overrides += ["train.max_train_points=2000", "train.max_eval_points=300", "train.stage1_epochs=1",
+                      "train.stage2_epochs=1", "train.stage1_min_steps=0", "train.stage2_min_steps=0",
+                      "features.max_features=20000"]
+    max_test = 500 if args.quick else 0
+    env_line = machine()
+    model_dir = args.out / "model"
+    results: dict[str, dict] = {}
+
+    # ---- ELIAS ----
+    if (model_dir / "train_state").exists():
+        import shutil
+
+        shutil.rmtree(model_dir)
+    sets = [x for o in overrides for x in ("--set", o)]
+    train_s, elias_rss = run_measured(elias_cmd("train", str(args.data), str(model_dir), "--quiet", *sets))
+    meta = json.loads((model_dir / "model.json").read_text())
+    for name, extra in (("ELIAS++", []), ("ELIAS", ["--no-rerank"])):
+        out_json = args.out / f"test-{name}.json"
+        cmd = elias_cmd("eval", str(model_dir), str(args.data), "--split", "test", "--json", str(out_json), *extra)
+        if max_test:
+            cmd += ["--max-points", str(max_test)]
+        run_measured(cmd)
+        m = json.loads(out_json.read_text())
+        results[name] = {**m, "train_s": train_s, "peak_mb": elias_rss,
+                         "ms_per_query": 1000 * m["seconds"] / max(1, m["num_points"])}
+    has_ranker = "reranker" in meta
+    if not has_ranker:
+        results.pop("ELIAS++")
+
+    # ---- XR-Linear on the same tf-idf features ----
+    if not args.skip_xrlinear:
+        from xrlinear import run_xrlinear
+
+        cfg = EliasConfig().with_overrides(overrides)
+        t0 = time.perf_counter()
+        train = read_split(args.data, "train", cfg.data)
+        if cfg.train.max_train_points:
+            train = train.subset(np.arange(min(len(train), cfg.train.max_train_points)))
+        test = read_split(args.data, "test", cfg.data, vocab=train.vocab)
+        if max_test:
+            test = test.subset(np.arange(min(len(test), max_test)))
+        fz = TfidfFeaturizer.fit(train, cfg.features)
+        X_train, X_test = fz.transform(train), fz.transform(test)
+        feat_s = time.perf_counter() - t0
+        xr = run_xrlinear(X_train, train.known_labels(), X_test, beam=10, topk=100, threads=1)
+        counts = np.asarray(train.known_labels().sum(0)).ravel()
+        m = evaluate(xr.test_ids, test.labels, counts, len(train))
+        results["XR-Linear (beam 10)"] = {**m, "train_s": feat_s + xr.train_s, "peak_mb": xr.peak_rss_mb,
+                                          "ms_per_query": xr.predict_ms_per_query}
+
+    lines = [
+        f"Machine: {env_line}. Date: {today()}. Command: `{command_line()}`.",
+        "",
+        f"Encoder: `{meta['encoder']}` (d = {meta['dim']}); L = {meta['num_labels']:,}, C = {meta['num_clusters']}, "
+        f"kappa = {meta['kappa']}; selected stage {meta['selected']['stage']} epoch {meta['selected']['epoch']} on dev. "
+        "Train time includes reading and featurisation for every row; peak memory is the training process's "
+        "maximum RSS. Prediction time is per query, batched, encoding included for ELIAS (in-process beam search "
+        "for XR-Linear, one thread).",
+        "",
+        "| method | " + " | ".join(COLUMNS) + " | train time (s) | peak memory (MB) | predict (ms/query) |",
+        "| --- | " + " | ".join("---:" for _ in COLUMNS) + " | ---: | ---: | ---: |",
+    ]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[c]:.2f}" for c in COLUMNS)
+                     + f" | {r['train_s']:.0f} | {r['peak_mb']:,.0f} | {r['ms_per_query']:.2f} |")
+    xr_row = results.get("XR-Linear (beam 10)")
+    if xr_row:
+        lines += ["", "Ratios to XR-Linear: " + "; ".join(
+            f"{n}: P@5 {r['P@5'] - xr_row['P@5']:+.2f} points, R@100 {r['R@100'] - xr_row['R@100']:+.2f} points, "
+            f"train time {r['train_s'] / xr_row['train_s']:.2f}x"
+            for n, r in results.items() if n != "XR-Linear (beam 10)") + "."]
+    t = meta.get("timings", {})
+    parts = [f"{k.removesuffix('_s').replace('_', ' ')} {v:.0f} s" for k, v in t.items() if k != "total_s"]
+    lines += ["", f"Where ELIAS's training time goes: {', '.join(parts)} (total {t.get('total_s', 0):.0f} s)."]
+    text = "\n".join(lines)
+    if args.no_write:
+        print(text)
+    else:
+        write_section(SECTION, text)
+        print(f"wrote {SECTION!r}")
+
+
+if __name__ == "__main__":
+    main()
