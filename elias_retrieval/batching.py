@@ -2,8 +2,8 @@
 
 A caller `submit`s a checked query and waits on the returned future. The worker takes the first waiting
 query, then gathers more for at most `max_wait_us` microseconds or until `max_batch` queries, and makes
-one `Searcher.search_checked` call per distinct (beam_size, shortlist_size) in the batch (k is the largest
-asked; each caller gets its own k back).
+one `Searcher.search_checked` call per distinct (beam_size, shortlist_size, re-ranking and its candidate
+depth) in the batch (k is the largest asked; each caller gets its own k back).
 
 It only waits for queries that are known to be coming: callers that `arrive()` on entry (the gRPC
 servicer does, before parsing its request) and have not submitted yet. A lone client therefore pays no
@@ -18,7 +18,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from elias_retrieval.searcher import Query, Searcher, SearchParams, SearchResults
+from elias_retrieval.searcher import RERANK_DEPTH, Query, Searcher, SearchParams, SearchResults
 
 
 class DeadlineExpired(TimeoutError):
@@ -153,12 +153,15 @@ class DynamicBatcher:
                 job.future.set_exception(DeadlineExpired("the deadline passed before the query was searched"))
                 continue
             live.append(job)
-        groups: dict[tuple[int, int], list[_Job]] = {}
-        for job in live:
-            groups.setdefault((job.params.beam_size, job.params.shortlist_size), []).append(job)
-        for (beam, shortlist), jobs in groups.items():
+        groups: dict[tuple[int, int, bool, int], list[_Job]] = {}
+        for job in live:  # a re-ranked query sees the same max(k, RERANK_DEPTH) candidates as when alone
+            p = job.params
+            rerank = self.searcher.reranks(p)
+            key = (p.beam_size, p.shortlist_size, rerank, max(p.k, RERANK_DEPTH) if rerank else 0)
+            groups.setdefault(key, []).append(job)
+        for (beam, shortlist, rerank, _depth), jobs in groups.items():
             params = SearchParams(k=max(j.params.k for j in jobs), beam_size=beam, shortlist_size=shortlist,
-                                  explain=any(j.params.explain for j in jobs))
+                                  explain=any(j.params.explain for j in jobs), rerank=rerank)
             try:
                 res = self.searcher.search_checked([j.query for j in jobs], params)
             except BaseException as e:  # noqa: BLE001 - every caller must get an answer

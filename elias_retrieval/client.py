@@ -31,8 +31,11 @@ def query_to_proto(q: Query) -> pb.Query:
     return pb.Query()
 
 
-def params_to_proto(k: int | None, beam_size: int | None, shortlist_size: int | None, explain: bool) -> pb.SearchParams:
+def params_to_proto(k: int | None, beam_size: int | None, shortlist_size: int | None, explain: bool,
+                    rerank: bool = True) -> pb.SearchParams:
     p = pb.SearchParams(explain=explain)
+    if not rerank:
+        p.rerank = False
     for name, v in (("k", k), ("beam_size", beam_size), ("shortlist_size", shortlist_size)):
         if v is not None:
             setattr(p, name, v)
@@ -57,7 +60,8 @@ def results_from_proto(results: Sequence[pb.SearchResult]) -> SearchResults:
                 path[i, j] = h.explanation.path_score  # type: ignore[index]
                 prob[i, j] = h.explanation.label_score  # type: ignore[index]
     return SearchResults(ids, scores, [[h.label_id for h in r.hits] for r in results],
-                         [[h.name for h in r.hits] for r in results], cluster, path, prob)
+                         [[h.name for h in r.hits] for r in results], cluster, path, prob,
+                         [r.method or "ELIAS" for r in results])
 
 
 class SearchClient:
@@ -98,11 +102,11 @@ class SearchClient:
     def search(
         self, text: str | None = None, sparse: tuple[Any, Any] | None = None, embedding: Any = None,
         k: int | None = None, beam_size: int | None = None, shortlist_size: int | None = None,
-        explain: bool = False, timeout: float | None = None,
+        explain: bool = False, timeout: float | None = None, rerank: bool = True,
     ) -> SearchResults:
         """One query (give exactly one of text, sparse=(indices, values), embedding); a one-row result."""
         req = pb.SearchRequest(query=query_to_proto(Query(text=text, sparse=sparse, embedding=embedding)),
-                               params=params_to_proto(k, beam_size, shortlist_size, explain))
+                               params=params_to_proto(k, beam_size, shortlist_size, explain, rerank))
         resp = self.stub.Search(req, timeout=timeout or self.timeout)
         self.last_index_version = resp.index_version
         return results_from_proto([resp.result])
@@ -110,10 +114,11 @@ class SearchClient:
     def search_batch(
         self, queries: Sequence[Query], k: int | None = None, beam_size: int | None = None,
         shortlist_size: int | None = None, explain: bool = False, timeout: float | None = None,
+        rerank: bool = True,
     ) -> SearchResults:
         """Several queries with shared parameters, in one call."""
         req = pb.SearchBatchRequest(queries=[query_to_proto(q) for q in queries],
-                                    params=params_to_proto(k, beam_size, shortlist_size, explain))
+                                    params=params_to_proto(k, beam_size, shortlist_size, explain, rerank))
         resp = self.stub.SearchBatch(req, timeout=timeout or self.timeout)
         self.last_index_version = resp.index_version
         return results_from_proto(resp.results)

@@ -5,6 +5,8 @@
       tensors.safetensors  W_C, b_C, A_ids (int32), A_weights (normalised), W_L (fp32|fp16|int8), [W_L_scale], b_L
       labels.jsonl         one {"id": <dataset label id>[, "name": <name>]} per dense label id
       encoder/             the query encoder, as `Encoder.save` wrote it (JSON + safetensors only)
+      ranker/              optional ELIAS++ re-ranker, as `SparseRanker.save` wrote it
+      featurizer/          the re-ranker's tf-idf featurizer, when the encoder does not hold it (transformer)
 
 Writing is atomic (a temporary directory beside OUT, fsynced, then renamed). Reading memory-maps the tensors
 (pages are read when search touches them), checks version, file sizes, header, shapes and dtypes, and runs no
@@ -35,6 +37,8 @@ from elias_retrieval.search import SearchTensors
 if TYPE_CHECKING:
     from elias_retrieval.data import LabelVocab
     from elias_retrieval.encoders import Encoder
+    from elias_retrieval.features import TfidfFeaturizer
+    from elias_retrieval.reranker import SparseRanker
 
 FORMAT_NAME = "elias-index"
 FORMAT_VERSION = 1
@@ -43,6 +47,9 @@ MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 LABELS = "labels.jsonl"
 ENCODER_DIR = "encoder"
+RANKER_DIR = "ranker"
+FEATURIZER_DIR = "featurizer"
+ENCODER_FEATURIZER = f"{ENCODER_DIR}/featurizer"  # a tf-idf encoder's own featurizer
 
 LABEL_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
 # safetensors dtype codes <-> torch dtypes (only those an index uses).
@@ -54,7 +61,7 @@ _MAX_HEADER = 100 << 20
 _CHUNK = 16 << 20
 # Manifest keys written by this module; `meta` passed to write_index may not override them.
 _RESERVED = ("format", "version", "created", "index_version", "model", "defaults", "encoder", "label_weights",
-             "tensors", "files")
+             "tensors", "files", "reranker")
 
 
 class IndexFormatError(ValueError):
@@ -91,6 +98,33 @@ class Index:
             return None
         return load_encoder(self.path / ENCODER_DIR)
 
+    def load_ranker(self) -> SparseRanker | None:
+        """The ELIAS++ re-ranker, or None for an index built without one."""
+        from elias_retrieval.reranker import SparseRanker
+
+        if self.manifest.get("reranker") is None:
+            return None
+        ranker = SparseRanker.load(self.path / RANKER_DIR)
+        L = self.tensors.num_labels
+        if ranker.W.shape[0] != L or ranker.bias.shape != (L,):
+            raise IndexFormatError(f"{self.path / RANKER_DIR}: ranker has {ranker.W.shape[0]} label rows and "
+                                   f"{ranker.bias.shape[0]} biases, the index has {L} labels")
+        return ranker
+
+    def load_featurizer(self) -> TfidfFeaturizer | None:
+        """The tf-idf featurizer of the re-ranker's features (with no re-ranker: a tf-idf encoder's), or None."""
+        from elias_retrieval.features import TfidfFeaturizer
+
+        rel = featurizer_path(self.manifest)
+        return None if rel is None else TfidfFeaturizer.load(self.path / rel)
+
+
+def featurizer_path(manifest: dict[str, Any]) -> str | None:
+    """The index-relative directory of the tf-idf featurizer `Index.load_featurizer` reads, if any."""
+    if manifest.get("reranker") is not None:
+        return str(manifest["reranker"]["featurizer"])
+    return ENCODER_FEATURIZER if manifest.get("encoder") == "tfidf" else None
+
 
 # ----------------------------------------------------------------------------------------------- writing
 
@@ -115,12 +149,16 @@ def write_index(
     meta: dict[str, Any],
     progress: bool = False,
     train_label_counts: Tensor | None = None,
+    ranker_dir: str | Path | None = None,
+    featurizer_dir: str | Path | None = None,
 ) -> None:
     """Write an index directory at `out` atomically: a killed write leaves any previous `out` as it was.
 
     `tensors.A_weights` must already be normalised (pad slots 0, pad id = L). `dtype` (fp32|fp16|int8) is
     the storage of W_L; everything else is stored in fp32 (A_ids in int32). `meta` entries (e.g. `config`,
-    `num_train`, `source`) are added to the manifest as they are.
+    `num_train`, `source`) are added to the manifest as they are. `ranker_dir` (a `SparseRanker.save`
+    directory) adds the ELIAS++ re-ranker, with its tf-idf featurizer copied from `featurizer_dir`, or, when
+    that is None, the tf-idf encoder's own (`encoder/featurizer`).
     """
     if dtype not in LABEL_DTYPES:
         raise IndexFormatError(f"W_L dtype must be one of {', '.join(LABEL_DTYPES)}, got {dtype!r}")
@@ -139,23 +177,44 @@ def write_index(
             encoder_kind = json.loads((encoder_dir / "encoder.json").read_text())["kind"]
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"{encoder_dir}: not an encoder directory (no readable encoder.json: {e})") from e
-        for f in _walk_files(encoder_dir):
+    reranker = None
+    if ranker_dir is not None:
+        ranker_dir = Path(ranker_dir)
+        if featurizer_dir is None and encoder_kind != "tfidf":
+            raise ValueError("a re-ranker needs its tf-idf featurizer: give featurizer_dir (the encoder has none)")
+        feat = Path(featurizer_dir) if featurizer_dir is not None else encoder_dir / "featurizer"  # type: ignore[operator]
+        try:
+            rmeta = json.loads((ranker_dir / "ranker.json").read_text())
+            num_features = int(json.loads((feat / "featurizer.json").read_text())["num_features"])
+            shape = [int(x) for x in rmeta["shape"]]
+            reranker = {"fusion_weight": float(rmeta["fusion_weight"]), "nnz": int(rmeta["nnz"]), "shape": shape,
+                        "featurizer": FEATURIZER_DIR if featurizer_dir is not None else ENCODER_FEATURIZER}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{ranker_dir}, {feat}: not a ranker and featurizer (unreadable JSON: {e})") from e
+        if shape != [model["num_labels"], num_features]:
+            raise ValueError(f"{ranker_dir}: ranker shape {shape}, expected [{model['num_labels']}, {num_features}] "
+                             "(labels, tf-idf features)")
+    sources = {ENCODER_DIR: encoder_dir, RANKER_DIR: ranker_dir,
+               FEATURIZER_DIR: None if ranker_dir is None else featurizer_dir}
+    trees = [(rel, Path(src)) for rel, src in sources.items() if src is not None]
+    for _rel, src in trees:
+        for f in _walk_files(src):
             if f.name.endswith(_UNSAFE_SUFFIXES):
                 raise ValueError(f"{f}: an index carries no pickle-capable files ({f.suffix}); save with safetensors")
 
     files: dict[str, dict[str, Any]] = {}
-    with atomic_dir(out) as tmp, _progress_bar(progress, _total_bytes(arrays, encoder_dir)) as advance:
+    with atomic_dir(out) as tmp, _progress_bar(progress, _total_bytes(arrays, [s for _, s in trees])) as advance:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; an index is read by the serving user
         files[TENSORS] = _write_safetensors(tmp / TENSORS, arrays, advance)
         files[LABELS] = _write_hashed(tmp / LABELS, _label_lines(labels), advance)
-        if encoder_dir is not None:
-            for src in _walk_files(encoder_dir):
-                rel = src.relative_to(encoder_dir).as_posix()
-                dst = tmp / ENCODER_DIR / rel
+        for prefix, root in trees:
+            for src in _walk_files(root):
+                rel = src.relative_to(root).as_posix()
+                dst = tmp / prefix / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                files[f"{ENCODER_DIR}/{rel}"] = _write_hashed(dst, _file_chunks(src), advance)
+                files[f"{prefix}/{rel}"] = _write_hashed(dst, _file_chunks(src), advance)
         manifest = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -168,6 +227,7 @@ def write_index(
             "tensors": {n: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
                         for n, t in arrays.items()},
             "files": files,
+            "reranker": reranker,
             **meta,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last: no manifest, no index
@@ -314,11 +374,9 @@ def _walk_files(root: Path) -> list[Path]:
         part.startswith(".") for part in p.relative_to(root).parts))
 
 
-def _total_bytes(arrays: dict[str, Tensor | _Rows], encoder_dir: Path | None) -> int:
+def _total_bytes(arrays: dict[str, Tensor | _Rows], dirs: list[Path]) -> int:
     n = sum(math.prod(a.shape) * a.dtype.itemsize for a in arrays.values())
-    if encoder_dir is not None:
-        n += sum(p.stat().st_size for p in _walk_files(encoder_dir))
-    return n
+    return n + sum(p.stat().st_size for d in dirs for p in _walk_files(d))
 
 
 class _progress_bar:  # noqa: N801 - used as a context manager like a function
@@ -373,6 +431,15 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             raise IndexFormatError(f"{p}: no {key!r} entry")
     if manifest["label_weights"] not in LABEL_DTYPES:
         raise IndexFormatError(f"{p}: unknown label_weights dtype {manifest['label_weights']!r}")
+    reranker = manifest.get("reranker")
+    if reranker is not None:
+        feat = reranker.get("featurizer") if isinstance(reranker, dict) else None
+        if feat not in (FEATURIZER_DIR, ENCODER_FEATURIZER):
+            raise IndexFormatError(f"{p}: 'reranker' must be null or an object whose 'featurizer' is "
+                                   f"{FEATURIZER_DIR!r} or {ENCODER_FEATURIZER!r}")
+        for name in (f"{RANKER_DIR}/ranker.safetensors", f"{RANKER_DIR}/ranker.json", f"{feat}/featurizer.json"):
+            if name not in manifest["files"]:
+                raise IndexFormatError(f"{p}: a re-ranker, but 'files' does not list {name}")
     for name in (TENSORS, LABELS):
         if name not in manifest["files"]:
             raise IndexFormatError(f"{p}: 'files' does not list {name}")
@@ -429,6 +496,19 @@ def verify_index(path: str | Path) -> None:
         if block.numel() and (int(block.min()) < 0 or int(block.max()) > L):
             raise IndexFormatError(f"{Path(path) / TENSORS}: A_ids rows {a}.. hold ids outside 0..{L}")
     index.labels  # noqa: B018 - parses every line and checks the count
+    if index.manifest.get("reranker") is not None:
+        ranker_path = Path(path) / RANKER_DIR
+        try:
+            ranker, featurizer = index.load_ranker(), index.load_featurizer()
+            assert ranker is not None and featurizer is not None
+            ranker.W.check_format(full_check=True)
+        except IndexFormatError:
+            raise
+        except (ValueError, KeyError, OSError) as e:
+            raise IndexFormatError(f"{ranker_path}: cannot load the re-ranker or its featurizer ({e})") from None
+        if ranker.W.shape[1] != featurizer.num_features:
+            raise IndexFormatError(f"{ranker_path}: {ranker.W.shape[1]} ranker features, its featurizer has "
+                                   f"{featurizer.num_features}")
 
 
 def _check_files(path: Path, manifest: dict[str, Any], hashes: bool) -> None:
@@ -564,7 +644,8 @@ def index_size(path: str | Path) -> dict[str, int]:
             parts[name] = e["data_offsets"][1] - e["data_offsets"][0]
     for rel, entry in manifest["files"].items():
         if rel != TENSORS:
-            key = ENCODER_DIR if rel.startswith(ENCODER_DIR + "/") else rel
+            top = rel.split("/", 1)[0]
+            key = top if top in (ENCODER_DIR, RANKER_DIR, FEATURIZER_DIR) else rel
             parts[key] = parts.get(key, 0) + int(entry["bytes"])
     parts[MANIFEST] = (Path(path) / MANIFEST).stat().st_size
     return parts

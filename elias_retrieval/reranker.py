@@ -9,7 +9,7 @@ top 100, never its membership, so R@100 is unchanged.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +28,13 @@ class SparseRanker:
     W: sp.csr_matrix  # (L, F) label weight vectors, pruned
     bias: np.ndarray  # (L,)
     fusion_weight: float = 0.5
+    _W_T: tuple[sp.csr_matrix, sp.csr_matrix] | None = field(default=None, init=False, repr=False, compare=False)
 
     def margins(self, X: sp.csr_matrix, ids: np.ndarray) -> np.ndarray:
         """Linear margins w_l . x + b_l for the (B, k) label ids (-1 = padding, margin -inf)."""
-        S = (X.tocsr() @ self.W.T).tocsr()  # (B, L), sparse
+        if self._W_T is None or self._W_T[0] is not self.W:  # W.T as CSR, once (not per call: a server's batches)
+            self._W_T = (self.W, self.W.T.tocsr())
+        S = (X.tocsr() @ self._W_T[1]).tocsr()  # (B, L), sparse
         safe = np.where(ids >= 0, ids, 0)
         rows = np.repeat(np.arange(ids.shape[0]), ids.shape[1])
         m = np.asarray(S[rows, safe.ravel()]).reshape(ids.shape) + self.bias[safe]
@@ -50,9 +53,16 @@ class SparseRanker:
         self, X: sp.csr_matrix, ids: np.ndarray, scores: np.ndarray, weight: float | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Re-order each row of (ids, scores) by the fused score; padding stays last."""
+        order, fused = self.order(X, ids, scores, weight)
+        return np.take_along_axis(ids, order, 1), fused
+
+    def order(
+        self, X: sp.csr_matrix, ids: np.ndarray, scores: np.ndarray, weight: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The (B, k) permutation that sorts each row by the fused score (padding last), and the sorted scores."""
         fused = np.where(ids >= 0, self.fuse(scores, self.margins(X, ids), weight), -1.0)
         order = np.argsort(-fused, axis=1, kind="stable")
-        return np.take_along_axis(ids, order, 1), np.take_along_axis(fused, order, 1).astype(np.float32)
+        return order, np.take_along_axis(fused, order, 1).astype(np.float32)
 
     def save(self, directory: str | Path) -> None:
         d = Path(directory)

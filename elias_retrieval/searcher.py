@@ -5,7 +5,9 @@
     res.ids[0], res.scores[0], res.label_names[0]
 
 Queries are checked here (`QueryError(field, message)` names the offending field; the gRPC servicer maps
-it to INVALID_ARGUMENT), encoded, and searched in one batch with `search.search`. Results are plain numpy
+it to INVALID_ARGUMENT), encoded, and searched in one batch with `search.search`. When the index carries
+an ELIAS++ re-ranker, text and sparse queries are re-ranked (the top max(k, 100) re-ordered by the fused
+score, then cut to k); embedding queries have no tf-idf row and get plain ELIAS. Results are plain numpy
 arrays plus the dataset's label ids and names. The gRPC server (server.py) and the CLI only convert.
 """
 
@@ -18,17 +20,23 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import Tensor
 
 from elias_retrieval.search import SearchTensors, search
 
+if TYPE_CHECKING:
+    from elias_retrieval.features import TfidfFeaturizer
+    from elias_retrieval.reranker import SparseRanker
+
 DEFAULT_MAX_K = 1000
 DEFAULT_MAX_SHORTLIST = 100_000
 DEFAULT_MAX_BATCH_QUERIES = 1024
+RERANK_DEPTH = 100  # ELIAS++ re-orders this many candidates (the ranker was fitted and tuned on top-100 lists)
 _HUGE_PAGE = 2 << 20
 
 
@@ -62,6 +70,7 @@ class SearchParams:
     beam_size: int
     shortlist_size: int
     explain: bool = False
+    rerank: bool = True  # ELIAS++ re-ranking of text and sparse queries, when the index has a re-ranker
 
 
 @dataclass
@@ -70,6 +79,7 @@ class SearchResults:
 
     `label_ids` / `label_names` hold the dataset's ids and names of the valid hits of each row. With
     `explain`, `cluster`, `path` and `label_prob` give each hit's best cluster and its two score factors.
+    `methods` says per row what ranked it: "ELIAS++" (scores are then the fused scores) or "ELIAS".
     """
 
     ids: np.ndarray  # (B, k) int64
@@ -79,6 +89,7 @@ class SearchResults:
     cluster: np.ndarray | None = None  # (B, k) int64
     path: np.ndarray | None = None  # (B, k) float32
     label_prob: np.ndarray | None = None  # (B, k) float32
+    methods: list[str] | None = None  # per row: "ELIAS++" or "ELIAS"
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -93,6 +104,7 @@ class SearchResults:
         return SearchResults(
             self.ids[sl], self.scores[sl], [r[:k] for r in self.label_ids[start:stop]],
             [r[:k] for r in self.label_names[start:stop]], cut(self.cluster), cut(self.path), cut(self.label_prob),
+            None if self.methods is None else self.methods[start:stop],
         )
 
 
@@ -114,6 +126,7 @@ class SearcherInfo:
     max_batch_queries: int
     label_weights_dtype: str
     device: str
+    reranker: bool = False  # an ELIAS++ re-ranker answers text (and sparse) queries unless a request opts out
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -156,7 +169,9 @@ def _label_strings(labels: Any, num_labels: int) -> tuple[list[str], list[str]]:
 class Searcher:
     """A loaded index: `search_embeddings`, `search_texts`, `search_sparse` or `search` (mixed queries).
 
-    Thread-safe: the tensors are read-only and the encoder is called under a lock.
+    Thread-safe: the tensors are read-only and the encoder is called under a lock. With a `ranker` (ELIAS++)
+    and its tf-idf `featurizer` (default: the encoder's), text queries are re-ranked, and sparse queries too
+    when the featurizer is the encoder's (their features are then the ranker's).
     """
 
     def __init__(
@@ -170,6 +185,8 @@ class Searcher:
         max_shortlist_size: int = DEFAULT_MAX_SHORTLIST,
         max_batch_queries: int = DEFAULT_MAX_BATCH_QUERIES,
         resident: bool = True,
+        ranker: SparseRanker | None = None,
+        featurizer: TfidfFeaturizer | None = None,
     ):
         info = dict(info or {})
         self.device = resolve_device(device)
@@ -184,8 +201,17 @@ class Searcher:
             "beam_size": min(int(defaults.get("beam_size", 20)), t.num_clusters),
             "shortlist_size": int(defaults.get("shortlist_size", 2000)),
         }
-        featurizer = getattr(encoder, "featurizer", None)
-        self.num_features = int(featurizer.num_features) if featurizer is not None else 0
+        enc_featurizer = getattr(encoder, "featurizer", None)
+        self.num_features = int(enc_featurizer.num_features) if enc_featurizer is not None else 0
+        self.ranker = ranker
+        self.featurizer = featurizer if featurizer is not None or ranker is None else enc_featurizer
+        if ranker is not None and (self.featurizer is None or ranker.W.shape != (t.num_labels,
+                                                                                 self.featurizer.num_features)):
+            raise ValueError(f"the re-ranker's weights have shape {ranker.W.shape}, expected (labels, tf-idf "
+                             "features of its featurizer)")
+        self.rerank_kinds = [] if ranker is None else (
+            (["text"] if getattr(self.featurizer, "kind", None) == "text" else [])
+            + (["sparse"] if self.featurizer is enc_featurizer and self.num_features else []))
         kinds = ["embedding"] + (["text"] if encoder is not None else []) + (["sparse"] if self.num_features else [])
         self.max_k = min(max_k, t.num_labels)
         self.max_shortlist_size = max(min(max_shortlist_size, t.num_labels), self.defaults["shortlist_size"])
@@ -205,6 +231,7 @@ class Searcher:
             max_batch_queries=max_batch_queries,
             label_weights_dtype=str(tensors.W_L.dtype).removeprefix("torch."),
             device=self.device.type,
+            reranker=ranker is not None,
             extra={k: v for k, v in info.items() if k not in ("defaults", "index_version")},
         )
 
@@ -231,26 +258,30 @@ class Searcher:
     @classmethod
     def open(cls, index_dir: str | Path, device: str | torch.device = "auto", **kwargs: Any) -> Searcher:
         """Load an index directory (index_format.read_index) with its encoder and labels."""
-        from elias_retrieval.index_format import read_index
+        from elias_retrieval.index_format import ENCODER_FEATURIZER, read_index
 
         index = read_index(index_dir, device="cpu")
         manifest = dict(index.manifest)
         version = manifest.get("index_version") or manifest.get("version") or manifest.get("created") or ""
         info = {"index_version": str(version), "defaults": dict(index.defaults), "path": str(index_dir)}
-        return cls(index.tensors, index.load_encoder(), index.labels, info, device, **kwargs)
+        encoder, ranker, featurizer = index.load_encoder(), index.load_ranker(), None
+        if ranker is not None:  # the tf-idf encoder's featurizer is shared, not loaded twice
+            shared = manifest["reranker"]["featurizer"] == ENCODER_FEATURIZER
+            featurizer = getattr(encoder, "featurizer", None) if shared else index.load_featurizer()
+        return cls(index.tensors, encoder, index.labels, info, device, ranker=ranker, featurizer=featurizer, **kwargs)
 
     # ----- checking requests -----
 
     def resolve_params(
         self, k: int | None = None, beam_size: int | None = None, shortlist_size: int | None = None,
-        explain: bool = False, prefix: str = "params.",
+        explain: bool = False, prefix: str = "params.", rerank: bool = True,
     ) -> SearchParams:
         """Fill in the index defaults and check the ranges; raise QueryError naming the field."""
         p = SearchParams(
             k=self.defaults["k"] if k is None else k,
             beam_size=self.defaults["beam_size"] if beam_size is None else beam_size,
             shortlist_size=self.defaults["shortlist_size"] if shortlist_size is None else shortlist_size,
-            explain=bool(explain),
+            explain=bool(explain), rerank=bool(rerank),
         )
         limits = {"k": self.max_k, "beam_size": self.info.num_clusters, "shortlist_size": self.max_shortlist_size}
         what = {"beam_size": " (the number of clusters)", "shortlist_size": "", "k": ""}
@@ -347,13 +378,35 @@ class Searcher:
 
     def search_checked(self, queries: Sequence[Query], params: SearchParams) -> SearchResults:
         """Encode and search queries that already passed `check_query` (the batcher's entry point)."""
-        return self._search_tensor(self.encode(queries), params)
+        return self._search_tensor(self.encode(queries), params, queries)
+
+    def reranks(self, params: SearchParams) -> bool:
+        """Whether `params` re-rank (text and sparse queries) on this index."""
+        return self.ranker is not None and params.rerank
+
+    def _ranker_features(self, queries: Sequence[Query]) -> sp.csr_matrix:
+        """tf-idf rows of text and sparse queries, in the re-ranker's feature space."""
+        assert self.featurizer is not None
+        F = self.featurizer.num_features
+        texts = [q.text for q in queries if q.kind == "text"]
+        T = self.featurizer.transform(texts) if texts else None  # type: ignore[arg-type]
+        parts, t = [], 0
+        for q in queries:
+            if q.kind == "text":
+                parts.append(T[t])  # type: ignore[index]
+                t += 1
+            else:
+                idx, val = q.sparse  # type: ignore[misc]
+                parts.append(sp.csr_matrix((val, idx, [0, len(idx)]), shape=(1, F)))
+        X = sp.vstack(parts, format="csr", dtype=np.float32)
+        X.sum_duplicates()  # repeated sparse ids are summed
+        return X
 
     def search_embeddings(
         self, emb: np.ndarray | Tensor, k: int | None = None, beam_size: int | None = None,
         shortlist_size: int | None = None, explain: bool = False,
     ) -> SearchResults:
-        """Search a batch of query embeddings (B, d)."""
+        """Search a batch of query embeddings (B, d): plain ELIAS (an embedding has no tf-idf to re-rank by)."""
         p = self.resolve_params(k, beam_size, shortlist_size, explain, prefix="")
         emb = torch.as_tensor(np.asarray(emb, dtype=np.float32) if not isinstance(emb, Tensor) else emb)
         if emb.dim() == 1:
@@ -366,31 +419,44 @@ class Searcher:
 
     def search_texts(
         self, texts: Sequence[str], k: int | None = None, beam_size: int | None = None,
-        shortlist_size: int | None = None, explain: bool = False,
+        shortlist_size: int | None = None, explain: bool = False, rerank: bool = True,
     ) -> SearchResults:
-        """Encode raw texts with the index's encoder and search them."""
-        p = self.resolve_params(k, beam_size, shortlist_size, explain, prefix="")
+        """Encode raw texts with the index's encoder and search them (ELIAS++ when the index has a ranker)."""
+        p = self.resolve_params(k, beam_size, shortlist_size, explain, prefix="", rerank=rerank)
         return self.search([Query(text=t) for t in texts], p)
 
     def search_sparse(
         self, rows: Sequence[tuple[Any, Any]], k: int | None = None, beam_size: int | None = None,
-        shortlist_size: int | None = None, explain: bool = False,
+        shortlist_size: int | None = None, explain: bool = False, rerank: bool = True,
     ) -> SearchResults:
         """Search sparse (feature ids, values) rows in the encoder's featurizer space (see the proto)."""
-        p = self.resolve_params(k, beam_size, shortlist_size, explain, prefix="")
+        p = self.resolve_params(k, beam_size, shortlist_size, explain, prefix="", rerank=rerank)
         return self.search([Query(sparse=(np.asarray(i), np.asarray(v))) for i, v in rows], p)
 
-    def _search_tensor(self, emb: Tensor, p: SearchParams) -> SearchResults:
-        r = search(emb.to(self.device), self.tensors, k=p.k, beam_size=p.beam_size, shortlist_size=p.shortlist_size)
-        ids = r.ids.cpu().numpy()
+    def _search_tensor(self, emb: Tensor, p: SearchParams, queries: Sequence[Query] | None = None) -> SearchResults:
+        rows = [i for i, q in enumerate(queries or []) if q.kind in self.rerank_kinds] if self.reranks(p) else []
+        k = max(p.k, RERANK_DEPTH) if rows else p.k
+        r = search(emb.to(self.device), self.tensors, k=k, beam_size=p.beam_size, shortlist_size=p.shortlist_size)
+        ids, scores = r.ids.cpu().numpy(), r.scores.float().cpu().numpy()
+        explained = [r.cluster.cpu().numpy(), r.path.float().cpu().numpy(), r.label_prob.float().cpu().numpy()] \
+            if p.explain else []
+        methods = ["ELIAS"] * len(ids)
+        if rows:  # ELIAS++: re-order the candidates by the fused score (as `elias eval` does), then cut to k
+            assert self.ranker is not None and queries is not None
+            X = self._ranker_features([queries[i] for i in rows])
+            order, fused = self.ranker.order(X, ids[rows], scores[rows])
+            for a in [ids, *explained]:
+                a[rows] = np.take_along_axis(a[rows], order, 1)
+            scores[rows] = np.where(ids[rows] >= 0, fused, 0.0)
+            for i in rows:
+                methods[i] = "ELIAS++"
+        ids, scores = ids[:, : p.k], scores[:, : p.k]
         names_all, ids_all = self.label_names, self.label_ids
         label_ids = [[ids_all[j] for j in row if j >= 0] for row in ids.tolist()]
         label_names = [[names_all[j] for j in row if j >= 0] for row in ids.tolist()]
-        res = SearchResults(ids, r.scores.float().cpu().numpy(), label_ids, label_names)
+        res = SearchResults(ids, scores, label_ids, label_names, methods=methods)
         if p.explain:
-            res.cluster = r.cluster.cpu().numpy()
-            res.path = r.path.float().cpu().numpy()
-            res.label_prob = r.label_prob.float().cpu().numpy()
+            res.cluster, res.path, res.label_prob = (a[:, : p.k] for a in explained)
         return res
 
     def warmup(self, batch_sizes: Sequence[int] = (1, 8)) -> None:

@@ -66,11 +66,12 @@ def params_from_proto(searcher: Searcher, p: pb.SearchParams) -> SearchParams:
     def opt(name: str) -> int | None:
         return getattr(p, name) if p.HasField(name) else None
 
-    return searcher.resolve_params(opt("k"), opt("beam_size"), opt("shortlist_size"), p.explain)
+    rerank = p.rerank if p.HasField("rerank") else True
+    return searcher.resolve_params(opt("k"), opt("beam_size"), opt("shortlist_size"), p.explain, rerank=rerank)
 
 
 def result_to_proto(res: SearchResults, row: int) -> pb.SearchResult:
-    out = pb.SearchResult()
+    out = pb.SearchResult(method=res.methods[row] if res.methods else "ELIAS")
     ids, scores = res.ids[row], res.scores[row]
     for j in range(len(res.label_ids[row])):
         hit = out.hits.add(index=int(ids[j]), label_id=res.label_ids[row][j], name=res.label_names[row][j],
@@ -89,6 +90,7 @@ def info_to_proto(s: Searcher) -> pb.IndexInfo:
         dim=i.dim, encoder=i.encoder, num_features=i.num_features, query_kinds=i.query_kinds,
         defaults=pb.SearchDefaults(**i.defaults), max_k=i.max_k, max_shortlist_size=i.max_shortlist_size,
         max_batch_queries=i.max_batch_queries, label_weights_dtype=i.label_weights_dtype, device=i.device,
+        reranker=i.reranker,
     )
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from elias_retrieval.index_format import LABEL_DTYPES, write_index
 from elias_retrieval.modeldir import load_model_dir
+from elias_retrieval.reranker import has_ranker
 from index_builder.prune import PruneStats, prune_graph
 
 DEFAULT_K = 100  # results per query unless a request says otherwise (the metrics rank the top 100)
@@ -18,11 +19,14 @@ def build_index(
     dtype: str = "fp16",
     kappa: int | None = None,
     progress: bool = True,
+    reranker: bool = True,
 ) -> Path:
     """Build the index of `model_dir` at `out` (atomically: a killed build leaves any previous `out` intact).
 
     `dtype` is the storage of the label embeddings W_L (fp32 | fp16 | int8 with per-row scales); `kappa`
     prunes A's rows to their top-`kappa` edges, keeping every label reachable (index_builder.prune).
+    With `reranker` (the default) a model's ELIAS++ re-ranker (`MODEL_DIR/ranker/`) goes into the index with
+    its tf-idf featurizer: the tf-idf encoder's own when it is the model's `featurizer/`, else a copy of that.
     """
     if dtype not in LABEL_DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(LABEL_DTYPES)}, got {dtype!r}")
@@ -49,6 +53,21 @@ def build_index(
     }
     defaults = {"k": DEFAULT_K, "beam_size": int(cfg.model.beam_size), "shortlist_size": int(cfg.model.shortlist_size)}
     encoder_dir = model_dir / "encoder"
+    ranker_dir = featurizer_dir = None
+    if reranker and has_ranker(model_dir / "ranker"):
+        ranker_dir = model_dir / "ranker"
+        if not _same_files(model_dir / "featurizer", encoder_dir / "featurizer"):
+            featurizer_dir = model_dir / "featurizer"
     write_index(out, tensors, trained.vocab, encoder_dir, dtype=dtype, defaults=defaults, meta=meta,
-                progress=progress, train_label_counts=trained.train_label_counts)
+                progress=progress, train_label_counts=trained.train_label_counts, ranker_dir=ranker_dir,
+                featurizer_dir=featurizer_dir)
     return out
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    """Whether directories `a` and `b` hold the same files byte for byte (b may not exist)."""
+    def files(d: Path) -> dict[str, Path]:
+        return {p.relative_to(d).as_posix(): p for p in sorted(d.rglob("*")) if p.is_file()} if d.is_dir() else {}
+
+    fa, fb = files(a), files(b)
+    return bool(fa) and fa.keys() == fb.keys() and all(fa[k].read_bytes() == fb[k].read_bytes() for k in fa)

@@ -80,8 +80,9 @@ def load_data(dataset_dir: Path, cfg: EliasConfig, featurizer: TfidfFeaturizer |
          f"{train.num_labels:,} labels ({time.perf_counter() - t0:.1f} s)", progress)
     t0 = time.perf_counter()
     if featurizer is None:
-        featurizer = TfidfFeaturizer.fit(train, cfg.features)
-    X = featurizer.transform(train)
+        featurizer, X = TfidfFeaturizer.fit_transform(train, cfg.features)
+    else:
+        X = featurizer.transform(train)
     _log(f"tf-idf: {featurizer.num_features:,} features ({time.perf_counter() - t0:.1f} s)", progress)
     Y = train.known_labels().tocsr()
     counts = np.asarray(Y.sum(0)).ravel().astype(np.int64)
@@ -235,6 +236,8 @@ class Trainer:
                  f"({self.timings['graph_init_s']:.1f} s)", self.progress)
             progress_state = {"stage": 2, "epoch": 0, "history": self.history}
         self._run_stage(model, data, inputs, 2, progress_state, state_t, state_m)
+        if not (self.out_dir / "model.json").exists():  # stage2_epochs=0: the stage-1 model with A initialised
+            self._save(model, data, {"selected": {"stage": 2, "epoch": 0}, "history": self.history})
         if cfg.train.reranker:
             self._train_reranker(data)
         self.timings["total_s"] = time.perf_counter() - t_start + progress_state.get("elapsed_before_s", 0.0)
@@ -329,7 +332,8 @@ class Trainer:
         beam, K = cfg.model.beam_size, cfg.model.shortlist_size
         ids, _ = predict(enc, tensors, data.train, 100, beam, K, t.eval_batch_size, self.progress)
         ranker = train_ranker(data.X_train, data.Y_train, ids, t.reranker_c, t.reranker_threshold,
-                              n_jobs=max(1, t.threads or torch.get_num_threads()), progress=self.progress)
+                              n_jobs=max(1, t.threads or torch.get_num_threads()), progress=self.progress,
+                              seed=t.seed)
         report: dict[str, Any] = {"nnz": int(ranker.W.nnz)}
         if data.dev is not None:
             dev_ids, dev_scores = predict(enc, tensors, data.dev, 100, beam, K, t.eval_batch_size)

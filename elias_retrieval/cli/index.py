@@ -31,6 +31,7 @@ def build_index_cmd(
     dtype: Annotated[str, typer.Option(help="Storage of the label embeddings W_L: fp32, fp16 or int8.")] = "fp16",
     kappa: Annotated[int | None, typer.Option(help="Prune A's rows to their top-N edges (every label keeps one).")]
     = None,
+    reranker: Annotated[bool, typer.Option(help="Carry the model's ELIAS++ re-ranker (when it has one).")] = True,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Build a self-contained, versioned, memory-mappable index directory from a trained model."""
@@ -38,13 +39,17 @@ def build_index_cmd(
     from index_builder.build import build_index
 
     t0 = time.perf_counter()
-    build_index(checkpoint, out, dtype=dtype, kappa=kappa, progress=not quiet)
+    build_index(checkpoint, out, dtype=dtype, kappa=kappa, progress=not quiet, reranker=reranker)
     m = read_manifest(out)
     total = sum(index_size(out).values())
     model = m["model"]
     console.print(f"index written to [bold]{out}[/] in {time.perf_counter() - t0:.1f} s: {_human(total)}, "
                   f"{model['num_labels']:,} labels, {model['num_clusters']:,} clusters, kappa {model['kappa']}, "
                   f"W_L {m['label_weights']}, version {m['index_version']}", highlight=False)
+    if m.get("reranker"):
+        r = m["reranker"]
+        console.print(f"ELIAS++ re-ranker: {r['nnz']:,} weights, fusion weight {r['fusion_weight']}, "
+                      f"featurizer {r['featurizer']}/", highlight=False)
     if m.get("pruning"):
         p = m["pruning"]
         console.print(f"pruned A to {p['kappa_requested']} edges per row ({p['edges_before']:,} -> "
@@ -75,6 +80,8 @@ def info(index_dir: Annotated[Path, typer.Argument(help="An index directory.")])
         ("defaults", f"k {defaults['k']}, beam {defaults['beam_size']}, shortlist K {defaults['shortlist_size']}"),
         ("encoder", str(m.get("encoder") or "none (embedding queries only)")),
         ("label weights W_L", m["label_weights"]),
+        ("re-ranker", f"ELIAS++, {m['reranker']['nnz']:,} weights, fusion weight {m['reranker']['fusion_weight']}"
+         if m.get("reranker") else "none (plain ELIAS)"),
     ]
     if m.get("pruning"):
         p = m["pruning"]

@@ -70,6 +70,7 @@ def search(
     beam_size: Annotated[int | None, typer.Option(help="Clusters in the beam (default: the index's).")] = None,
     shortlist_size: Annotated[int | None, typer.Option(help="Labels shortlisted (default: the index's).")] = None,
     explain: Annotated[bool, typer.Option(help="Show each label's cluster, path and classifier scores.")] = False,
+    rerank: Annotated[bool, typer.Option(help="Apply the index's ELIAS++ re-ranker when it has one.")] = True,
     device: Annotated[str, typer.Option(help="In-process only: auto, cpu or cuda.")] = "cpu",
     timeout: Annotated[float, typer.Option(help="--server only: deadline in seconds.")] = 30.0,
 ) -> None:
@@ -86,7 +87,7 @@ def search(
             t0 = time.perf_counter()
             try:
                 res = client.search(text=text, k=k, beam_size=beam_size, shortlist_size=shortlist_size,
-                                    explain=explain)
+                                    explain=explain, rerank=rerank)
             except grpc.RpcError as e:
                 fail(f"{server}: {e.code().name}: {e.details()}")  # type: ignore[attr-defined]
             elapsed = time.perf_counter() - t0
@@ -101,11 +102,13 @@ def search(
 
         searcher = Searcher.open(index_dir, device=device, resident=False)
         t0 = time.perf_counter()
-        res = searcher.search_texts([text], k=k, beam_size=beam_size, shortlist_size=shortlist_size, explain=explain)
+        res = searcher.search_texts([text], k=k, beam_size=beam_size, shortlist_size=shortlist_size, explain=explain,
+                                    rerank=rerank)
         elapsed = time.perf_counter() - t0
         version, where = searcher.index_version, str(index_dir)
     console.print(results_table(res, 0, explain))
-    console.print(f"{len(res.label_ids[0])} labels from {where} (index version {version or '-'}) "
+    method = res.methods[0] if res.methods else "ELIAS"
+    console.print(f"{len(res.label_ids[0])} labels by {method} from {where} (index version {version or '-'}) "
                   f"in {1000 * elapsed:.1f} ms", highlight=False)
 
 

@@ -61,7 +61,7 @@ def eval_(
     shortlist_size: Annotated[int | None, typer.Option(help="Labels shortlisted (default: the model's).")] = None,
     batch_size: Annotated[int, typer.Option(help="Queries per search batch.")] = 512,
     max_points: Annotated[int, typer.Option(help="Evaluate only the first N points (0 = all).")] = 0,
-    rerank: Annotated[bool, typer.Option(help="Apply the ELIAS++ re-ranker when the model has one.")] = True,
+    rerank: Annotated[bool, typer.Option(help="Apply the ELIAS++ re-ranker when the model or index has one.")] = True,
 ) -> None:
     """Evaluate a model or an index offline: P@k, nDCG@k, PSP@k, R@k and recall by label frequency."""
     from elias_retrieval.data import read_split
@@ -122,7 +122,7 @@ class EvalSource:
             self.label_counts = (np.asarray(counts, dtype=np.int64) if counts is not None
                                  else np.zeros(len(self.vocab), dtype=np.int64))
             self.num_train = int(index.manifest.get("num_train", 1))
-            self.ranker, self.featurizer = None, None
+            self.ranker, self.featurizer = index.load_ranker(), index.load_featurizer()
         else:
             raise ValueError(f"{path}: neither a model directory nor an index directory")
 

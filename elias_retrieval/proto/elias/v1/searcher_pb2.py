@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65lias/v1/searcher.proto\x12\x08\x65lias.v1\"1\n\x0eSparseFeatures\x12\x0f\n\x07indices\x18\x01 \x03(\r\x12\x0e\n\x06values\x18\x02 \x03(\x02\"z\n\x05Query\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\x06sparse\x18\x02 \x01(\x0b\x32\x18.elias.v1.SparseFeaturesH\x00\x12-\n\tembedding\x18\x03 \x01(\x0b\x32\x18.elias.v1.DenseEmbeddingH\x00\x42\x06\n\x04kind\" \n\x0e\x44\x65nseEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x8b\x01\n\x0cSearchParams\x12\x0e\n\x01k\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\tbeam_size\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x1b\n\x0eshortlist_size\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x0f\n\x07\x65xplain\x18\x04 \x01(\x08\x42\x04\n\x02_kB\x0c\n\n_beam_sizeB\x11\n\x0f_shortlist_size\"W\n\rSearchRequest\x12\x1e\n\x05query\x18\x01 \x01(\x0b\x32\x0f.elias.v1.Query\x12&\n\x06params\x18\x02 \x01(\x0b\x32\x16.elias.v1.SearchParams\"^\n\x12SearchBatchRequest\x12 \n\x07queries\x18\x01 \x03(\x0b\x32\x0f.elias.v1.Query\x12&\n\x06params\x18\x02 \x01(\x0b\x32\x16.elias.v1.SearchParams\"G\n\x0b\x45xplanation\x12\x0f\n\x07\x63luster\x18\x01 \x01(\x05\x12\x12\n\npath_score\x18\x02 \x01(\x02\x12\x13\n\x0blabel_score\x18\x03 \x01(\x02\"o\n\x03Hit\x12\r\n\x05index\x18\x01 \x01(\r\x12\x10\n\x08label_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12*\n\x0b\x65xplanation\x18\x05 \x01(\x0b\x32\x15.elias.v1.Explanation\"+\n\x0cSearchResult\x12\x1b\n\x04hits\x18\x01 \x03(\x0b\x32\r.elias.v1.Hit\"O\n\x0eSearchResponse\x12&\n\x06result\x18\x01 \x01(\x0b\x32\x16.elias.v1.SearchResult\x12\x15\n\rindex_version\x18\x02 \x01(\t\"U\n\x13SearchBatchResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.elias.v1.SearchResult\x12\x15\n\rindex_version\x18\x02 \x01(\t\"\x15\n\x13GetIndexInfoRequest\"F\n\x0eSearchDefaults\x12\t\n\x01k\x18\x01 \x01(\r\x12\x11\n\tbeam_size\x18\x02 \x01(\r\x12\x16\n\x0eshortlist_size\x18\x03 \x01(\r\"\xc3\x02\n\tIndexInfo\x12\x15\n\rindex_version\x18\x01 \x01(\t\x12\x12\n\nnum_labels\x18\x02 \x01(\r\x12\x14\n\x0cnum_clusters\x18\x03 \x01(\r\x12\r\n\x05kappa\x18\x04 \x01(\r\x12\x0b\n\x03\x64im\x18\x05 \x01(\r\x12\x0f\n\x07\x65ncoder\x18\x06 \x01(\t\x12\x14\n\x0cnum_features\x18\x07 \x01(\r\x12\x13\n\x0bquery_kinds\x18\x08 \x03(\t\x12*\n\x08\x64\x65\x66\x61ults\x18\t \x01(\x0b\x32\x18.elias.v1.SearchDefaults\x12\r\n\x05max_k\x18\n \x01(\r\x12\x1a\n\x12max_shortlist_size\x18\x0b \x01(\r\x12\x19\n\x11max_batch_queries\x18\x0c \x01(\r\x12\x1b\n\x13label_weights_dtype\x18\r \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0e \x01(\t2\xd7\x01\n\x08Searcher\x12;\n\x06Search\x12\x17.elias.v1.SearchRequest\x1a\x18.elias.v1.SearchResponse\x12J\n\x0bSearchBatch\x12\x1c.elias.v1.SearchBatchRequest\x1a\x1d.elias.v1.SearchBatchResponse\x12\x42\n\x0cGetIndexInfo\x12\x1d.elias.v1.GetIndexInfoRequest\x1a\x13.elias.v1.IndexInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65lias/v1/searcher.proto\x12\x08\x65lias.v1\"1\n\x0eSparseFeatures\x12\x0f\n\x07indices\x18\x01 \x03(\r\x12\x0e\n\x06values\x18\x02 \x03(\x02\"z\n\x05Query\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\x06sparse\x18\x02 \x01(\x0b\x32\x18.elias.v1.SparseFeaturesH\x00\x12-\n\tembedding\x18\x03 \x01(\x0b\x32\x18.elias.v1.DenseEmbeddingH\x00\x42\x06\n\x04kind\" \n\x0e\x44\x65nseEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xab\x01\n\x0cSearchParams\x12\x0e\n\x01k\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\tbeam_size\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x1b\n\x0eshortlist_size\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x0f\n\x07\x65xplain\x18\x04 \x01(\x08\x12\x13\n\x06rerank\x18\x05 \x01(\x08H\x03\x88\x01\x01\x42\x04\n\x02_kB\x0c\n\n_beam_sizeB\x11\n\x0f_shortlist_sizeB\t\n\x07_rerank\"W\n\rSearchRequest\x12\x1e\n\x05query\x18\x01 \x01(\x0b\x32\x0f.elias.v1.Query\x12&\n\x06params\x18\x02 \x01(\x0b\x32\x16.elias.v1.SearchParams\"^\n\x12SearchBatchRequest\x12 \n\x07queries\x18\x01 \x03(\x0b\x32\x0f.elias.v1.Query\x12&\n\x06params\x18\x02 \x01(\x0b\x32\x16.elias.v1.SearchParams\"G\n\x0b\x45xplanation\x12\x0f\n\x07\x63luster\x18\x01 \x01(\x05\x12\x12\n\npath_score\x18\x02 \x01(\x02\x12\x13\n\x0blabel_score\x18\x03 \x01(\x02\"o\n\x03Hit\x12\r\n\x05index\x18\x01 \x01(\r\x12\x10\n\x08label_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12*\n\x0b\x65xplanation\x18\x05 \x01(\x0b\x32\x15.elias.v1.Explanation\";\n\x0cSearchResult\x12\x1b\n\x04hits\x18\x01 \x03(\x0b\x32\r.elias.v1.Hit\x12\x0e\n\x06method\x18\x02 \x01(\t\"O\n\x0eSearchResponse\x12&\n\x06result\x18\x01 \x01(\x0b\x32\x16.elias.v1.SearchResult\x12\x15\n\rindex_version\x18\x02 \x01(\t\"U\n\x13SearchBatchResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.elias.v1.SearchResult\x12\x15\n\rindex_version\x18\x02 \x01(\t\"\x15\n\x13GetIndexInfoRequest\"F\n\x0eSearchDefaults\x12\t\n\x01k\x18\x01 \x01(\r\x12\x11\n\tbeam_size\x18\x02 \x01(\r\x12\x16\n\x0eshortlist_size\x18\x03 \x01(\r\"\xd5\x02\n\tIndexInfo\x12\x15\n\rindex_version\x18\x01 \x01(\t\x12\x12\n\nnum_labels\x18\x02 \x01(\r\x12\x14\n\x0cnum_clusters\x18\x03 \x01(\r\x12\r\n\x05kappa\x18\x04 \x01(\r\x12\x0b\n\x03\x64im\x18\x05 \x01(\r\x12\x0f\n\x07\x65ncoder\x18\x06 \x01(\t\x12\x14\n\x0cnum_features\x18\x07 \x01(\r\x12\x13\n\x0bquery_kinds\x18\x08 \x03(\t\x12*\n\x08\x64\x65\x66\x61ults\x18\t \x01(\x0b\x32\x18.elias.v1.SearchDefaults\x12\r\n\x05max_k\x18\n \x01(\r\x12\x1a\n\x12max_shortlist_size\x18\x0b \x01(\r\x12\x19\n\x11max_batch_queries\x18\x0c \x01(\r\x12\x1b\n\x13label_weights_dtype\x18\r \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0e \x01(\t\x12\x10\n\x08reranker\x18\x0f \x01(\x08\x32\xd7\x01\n\x08Searcher\x12;\n\x06Search\x12\x17.elias.v1.SearchRequest\x1a\x18.elias.v1.SearchResponse\x12J\n\x0bSearchBatch\x12\x1c.elias.v1.SearchBatchRequest\x1a\x1d.elias.v1.SearchBatchResponse\x12\x42\n\x0cGetIndexInfo\x12\x1d.elias.v1.GetIndexInfoRequest\x1a\x13.elias.v1.IndexInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,27 +38,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DENSEEMBEDDING']._serialized_start=212
   _globals['_DENSEEMBEDDING']._serialized_end=244
   _globals['_SEARCHPARAMS']._serialized_start=247
-  _globals['_SEARCHPARAMS']._serialized_end=386
-  _globals['_SEARCHREQUEST']._serialized_start=388
-  _globals['_SEARCHREQUEST']._serialized_end=475
-  _globals['_SEARCHBATCHREQUEST']._serialized_start=477
-  _globals['_SEARCHBATCHREQUEST']._serialized_end=571
-  _globals['_EXPLANATION']._serialized_start=573
-  _globals['_EXPLANATION']._serialized_end=644
-  _globals['_HIT']._serialized_start=646
-  _globals['_HIT']._serialized_end=757
-  _globals['_SEARCHRESULT']._serialized_start=759
-  _globals['_SEARCHRESULT']._serialized_end=802
-  _globals['_SEARCHRESPONSE']._serialized_start=804
-  _globals['_SEARCHRESPONSE']._serialized_end=883
-  _globals['_SEARCHBATCHRESPONSE']._serialized_start=885
-  _globals['_SEARCHBATCHRESPONSE']._serialized_end=970
-  _globals['_GETINDEXINFOREQUEST']._serialized_start=972
-  _globals['_GETINDEXINFOREQUEST']._serialized_end=993
-  _globals['_SEARCHDEFAULTS']._serialized_start=995
-  _globals['_SEARCHDEFAULTS']._serialized_end=1065
-  _globals['_INDEXINFO']._serialized_start=1068
-  _globals['_INDEXINFO']._serialized_end=1391
-  _globals['_SEARCHER']._serialized_start=1394
-  _globals['_SEARCHER']._serialized_end=1609
+  _globals['_SEARCHPARAMS']._serialized_end=418
+  _globals['_SEARCHREQUEST']._serialized_start=420
+  _globals['_SEARCHREQUEST']._serialized_end=507
+  _globals['_SEARCHBATCHREQUEST']._serialized_start=509
+  _globals['_SEARCHBATCHREQUEST']._serialized_end=603
+  _globals['_EXPLANATION']._serialized_start=605
+  _globals['_EXPLANATION']._serialized_end=676
+  _globals['_HIT']._serialized_start=678
+  _globals['_HIT']._serialized_end=789
+  _globals['_SEARCHRESULT']._serialized_start=791
+  _globals['_SEARCHRESULT']._serialized_end=850
+  _globals['_SEARCHRESPONSE']._serialized_start=852
+  _globals['_SEARCHRESPONSE']._serialized_end=931
+  _globals['_SEARCHBATCHRESPONSE']._serialized_start=933
+  _globals['_SEARCHBATCHRESPONSE']._serialized_end=1018
+  _globals['_GETINDEXINFOREQUEST']._serialized_start=1020
+  _globals['_GETINDEXINFOREQUEST']._serialized_end=1041
+  _globals['_SEARCHDEFAULTS']._serialized_start=1043
+  _globals['_SEARCHDEFAULTS']._serialized_end=1113
+  _globals['_INDEXINFO']._serialized_start=1116
+  _globals['_INDEXINFO']._serialized_end=1457
+  _globals['_SEARCHER']._serialized_start=1460
+  _globals['_SEARCHER']._serialized_end=1675
 # @@protoc_insertion_point(module_scope)

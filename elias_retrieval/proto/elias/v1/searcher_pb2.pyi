@@ -31,16 +31,18 @@ class DenseEmbedding(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SearchParams(_message.Message):
-    __slots__ = ("k", "beam_size", "shortlist_size", "explain")
+    __slots__ = ("k", "beam_size", "shortlist_size", "explain", "rerank")
     K_FIELD_NUMBER: _ClassVar[int]
     BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     SHORTLIST_SIZE_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
+    RERANK_FIELD_NUMBER: _ClassVar[int]
     k: int
     beam_size: int
     shortlist_size: int
     explain: bool
-    def __init__(self, k: _Optional[int] = ..., beam_size: _Optional[int] = ..., shortlist_size: _Optional[int] = ..., explain: _Optional[bool] = ...) -> None: ...
+    rerank: bool
+    def __init__(self, k: _Optional[int] = ..., beam_size: _Optional[int] = ..., shortlist_size: _Optional[int] = ..., explain: _Optional[bool] = ..., rerank: _Optional[bool] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
     __slots__ = ("query", "params")
@@ -83,10 +85,12 @@ class Hit(_message.Message):
     def __init__(self, index: _Optional[int] = ..., label_id: _Optional[str] = ..., name: _Optional[str] = ..., score: _Optional[float] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ...) -> None: ...
 
 class SearchResult(_message.Message):
-    __slots__ = ("hits",)
+    __slots__ = ("hits", "method")
     HITS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[Hit]
-    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ...) -> None: ...
+    method: str
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., method: _Optional[str] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("result", "index_version")
@@ -119,7 +123,7 @@ class SearchDefaults(_message.Message):
     def __init__(self, k: _Optional[int] = ..., beam_size: _Optional[int] = ..., shortlist_size: _Optional[int] = ...) -> None: ...
 
 class IndexInfo(_message.Message):
-    __slots__ = ("index_version", "num_labels", "num_clusters", "kappa", "dim", "encoder", "num_features", "query_kinds", "defaults", "max_k", "max_shortlist_size", "max_batch_queries", "label_weights_dtype", "device")
+    __slots__ = ("index_version", "num_labels", "num_clusters", "kappa", "dim", "encoder", "num_features", "query_kinds", "defaults", "max_k", "max_shortlist_size", "max_batch_queries", "label_weights_dtype", "device", "reranker")
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_LABELS_FIELD_NUMBER: _ClassVar[int]
     NUM_CLUSTERS_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +138,7 @@ class IndexInfo(_message.Message):
     MAX_BATCH_QUERIES_FIELD_NUMBER: _ClassVar[int]
     LABEL_WEIGHTS_DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    RERANKER_FIELD_NUMBER: _ClassVar[int]
     index_version: str
     num_labels: int
     num_clusters: int
@@ -148,4 +153,5 @@ class IndexInfo(_message.Message):
     max_batch_queries: int
     label_weights_dtype: str
     device: str
-    def __init__(self, index_version: _Optional[str] = ..., num_labels: _Optional[int] = ..., num_clusters: _Optional[int] = ..., kappa: _Optional[int] = ..., dim: _Optional[int] = ..., encoder: _Optional[str] = ..., num_features: _Optional[int] = ..., query_kinds: _Optional[_Iterable[str]] = ..., defaults: _Optional[_Union[SearchDefaults, _Mapping]] = ..., max_k: _Optional[int] = ..., max_shortlist_size: _Optional[int] = ..., max_batch_queries: _Optional[int] = ..., label_weights_dtype: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    reranker: bool
+    def __init__(self, index_version: _Optional[str] = ..., num_labels: _Optional[int] = ..., num_clusters: _Optional[int] = ..., kappa: _Optional[int] = ..., dim: _Optional[int] = ..., encoder: _Optional[str] = ..., num_features: _Optional[int] = ..., query_kinds: _Optional[_Iterable[str]] = ..., defaults: _Optional[_Union[SearchDefaults, _Mapping]] = ..., max_k: _Optional[int] = ..., max_shortlist_size: _Optional[int] = ..., max_batch_queries: _Optional[int] = ..., label_weights_dtype: _Optional[str] = ..., device: _Optional[str] = ..., reranker: _Optional[bool] = ...) -> None: ...
