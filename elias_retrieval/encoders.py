@@ -108,10 +108,16 @@ class Encoder(nn.Module):
         inputs = self.prepare(data)
         device = next(self.parameters()).device
         out = []
-        with torch.inference_mode():
-            for start in range(0, len(inputs), batch_size):
-                rows = np.arange(start, min(start + batch_size, len(inputs)))
-                out.append(self(inputs.batch(rows, device)).float())
+        modes = {m: m.training for m in self.modules()}  # restored after: the caller may be mid-training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(inputs), batch_size):
+                    rows = np.arange(start, min(start + batch_size, len(inputs)))
+                    out.append(self(inputs.batch(rows, device)).float())
+        finally:
+            for m, training in modes.items():
+                m.training = training
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
 

@@ -31,8 +31,9 @@ def _flatten_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[st
 def _restore_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state: dict[int, dict[str, Any]] = {}
     for name, val in tensors.items():
-        p, idx, key = name.split(".", 2)
-        if p == prefix:
+        p, _, rest = name.partition(".")
+        if p == prefix:  # the state file also holds "model.*" tensors and other optimisers' state
+            idx, key = rest.split(".", 1)
             state.setdefault(int(idx), {})[key] = val
     for name, val in meta["scalars"].items():
         _p, idx, key = name.split(".", 2)

@@ -16,7 +16,7 @@ from elias_retrieval.reranker import SparseRanker
 
 
 def _fit_labels(X: sp.csr_matrix, cand: sp.csc_matrix, Y: sp.csc_matrix, labels: np.ndarray, c: float,
-                threshold: float) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], np.ndarray]:
+                threshold: float, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], np.ndarray]:
     warnings.simplefilter("ignore", ConvergenceWarning)
     cols, vals, bias = [], [], np.zeros(len(labels), dtype=np.float32)
     for j, l in enumerate(labels):
@@ -28,7 +28,7 @@ def _fit_labels(X: sp.csr_matrix, cand: sp.csc_matrix, Y: sp.csc_matrix, labels:
             cols.append(np.zeros(0, dtype=np.int32))
             vals.append(np.zeros(0, dtype=np.float32))
             continue
-        svm = LinearSVC(C=c, loss="squared_hinge", dual=True, tol=0.1, max_iter=200)
+        svm = LinearSVC(C=c, loss="squared_hinge", dual=True, tol=0.1, max_iter=200, random_state=seed)
         svm.fit(X[rows], y.astype(np.int8))
         w = svm.coef_.ravel()
         keep = np.flatnonzero(np.abs(w) >= threshold)
@@ -46,6 +46,7 @@ def train_ranker(
     threshold: float = 0.1,
     n_jobs: int = 2,
     progress: bool = False,
+    seed: int = 0,
 ) -> SparseRanker:
     """Per label: the training points whose shortlist holds it (hard negatives) plus its positives."""
     N, L = Y.shape
@@ -62,7 +63,7 @@ def train_ranker(
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("ELIAS++: training the sparse ranker", total=L)
         for res in Parallel(n_jobs=n_jobs, return_as="generator")(
-            delayed(_fit_labels)(X, cand, Yc, ch, c, threshold) for ch in chunks
+            delayed(_fit_labels)(X, cand, Yc, ch, c, threshold, seed) for ch in chunks
         ):
             W_rows.append(res)
             bar.advance(task, len(res[0]))

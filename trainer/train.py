@@ -12,15 +12,15 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 import torch
-from elias_retrieval.data import Dataset, has_split, read_split
-from elias_retrieval.features import TfidfFeaturizer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from elias_retrieval.atomic import atomic_dir, write_json
 from elias_retrieval.config import EliasConfig, TrainConfig
+from elias_retrieval.data import Dataset, has_split, read_split
 from elias_retrieval.encoders import Encoder, EncoderInputs, TfidfEncoder, TransformerEncoder, default_transformer_path
 from elias_retrieval.evaluation import evaluate_split, predict
+from elias_retrieval.features import TfidfFeaturizer
 from elias_retrieval.model import EliasModel
 from elias_retrieval.modeldir import TrainedModel, load_model_dir, save_model_dir
 from elias_retrieval.search import cluster_scores
@@ -234,7 +234,8 @@ class Trainer:
             self.timings["graph_init_s"] = time.perf_counter() - t0
             _log(f"A initialised: {int((A_ids < L).sum()):,} edges, every label covered "
                  f"({self.timings['graph_init_s']:.1f} s)", self.progress)
-            progress_state = {"stage": 2, "epoch": 0, "history": self.history}
+            progress_state = {"stage": 2, "epoch": 0, "history": self.history,
+                              "best_metric": progress_state.get("best_metric", -1.0)}
         self._run_stage(model, data, inputs, 2, progress_state, state_t, state_m)
         if not (self.out_dir / "model.json").exists():  # stage2_epochs=0: the stage-1 model with A initialised
             self._save(model, data, {"selected": {"stage": 2, "epoch": 0}, "history": self.history})
@@ -313,7 +314,9 @@ class Trainer:
             _log(_format_record(record), self.progress)
             metric = record.get("dev", {}).get(t.select_metric, -1.0)
             improved = data.dev is None or metric > best_metric
-            if stage == 2 and (improved or (data.dev is None and last)):
+            # The stage-1 model competes too: stage 2 replaces it only by doing better on dev.
+            stage1_candidate = stage == 1 and last and data.dev is not None
+            if stage1_candidate or (stage == 2 and (improved or (data.dev is None and last))):
                 best_metric = max(best_metric, metric)
                 self._save(model, data, {"selected": {"stage": stage, "epoch": epoch + 1, t.select_metric: metric},
                                          "history": self.history})
@@ -322,6 +325,7 @@ class Trainer:
             checkpoint.save_state(self.out_dir, model, opts, scheds, progress)
             self._append_history(record)
         progress_state["epoch"] = epochs
+        progress_state["best_metric"] = best_metric
 
     def _train_reranker(self, data: TrainData) -> None:
         """ELIAS++: fit the sparse ranker on the selected model's training shortlists; fusion weight from dev."""

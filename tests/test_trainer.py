@@ -1,0 +1,322 @@
+"""The trainer end to end on real data (Bibtex, XC format), small enough for the CPU test suite.
+
+Covers: the model directory layout, `elias eval` metrics against a popularity baseline, ELIAS++ re-ranking,
+sparse-A coverage on a real stage-1 model, determinism, and resume after an interruption.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from elias_retrieval.cli import index, serve, train  # noqa: F401  (registers the verbs on `app`)
+from elias_retrieval.cli.app import app
+from elias_retrieval.config import EliasConfig
+from elias_retrieval.data import read_split
+from elias_retrieval.model import EliasModel
+from elias_retrieval.modeldir import load_model_dir
+from trainer import train as train_module
+from trainer.clustering import balanced_clusters, pifa
+from trainer.graph_init import cluster_affinity, coverage, init_graph
+from trainer.train import top_clusters
+from trainer.train import train as run_training
+
+pytestmark = pytest.mark.slow
+
+# Small and fast (a few seconds each), yet a real learned index: C = 8 clusters of ~20 labels, kappa 40, beam 4.
+SMALL = [
+    "train.stage1_min_steps=0", "train.stage2_min_steps=0", "train.batch_size=64", "train.lr_labels=0.03",
+    "train.lr_encoder=0.01", "model.cluster_size=20", "model.kappa=40", "model.beam_size=4",
+    "train.threads=1", "train.device=cpu",
+]
+E2E = [*SMALL, "train.max_train_points=1500", "train.stage1_epochs=4", "train.stage2_epochs=2", "model.dim=64"]
+# For the runs compared tensor by tensor: fewer points, same shapes of the problem.
+TINY = [*SMALL, "train.max_train_points=600", "train.stage1_epochs=2", "train.stage2_epochs=2", "model.dim=32"]
+TINY_STEPS_PER_EPOCH = 10  # ceil(600 / 64)
+
+runner = CliRunner()
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def _cli(*args: str | Path):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _cli_ok(*args: str | Path):
+    res = _cli(*args)
+    assert res.exit_code == 0, f"exit {res.exit_code}\n{res.output}\n{res.exception!r}"
+    return res
+
+
+def _one_line_error(res, *fragments: str) -> str:
+    assert res.exit_code == 2, f"exit {res.exit_code}\n{res.output}\n{res.exception!r}"
+    assert isinstance(res.exception, SystemExit)  # handled, not a crash
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
+    assert "Traceback" not in res.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor in every safetensors file of a model directory, keyed by file and name."""
+    out = {}
+    for f in sorted(model_dir.rglob("*.safetensors")):
+        for name, t in load_file(str(f)).items():
+            out[f"{f.relative_to(model_dir)}:{name}"] = t
+    return out
+
+
+def _assert_same_tensors(a: Path, b: Path) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert sorted(ta) == sorted(tb)
+    assert any(k.startswith("model.safetensors:") for k in ta)
+    differ = [k for k in ta if ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k])]
+    assert not differ, f"tensors differ: {differ}"
+
+
+def _epochs(model_dir: Path) -> list[tuple[int, int]]:
+    lines = (model_dir / "history.jsonl").read_text().splitlines()
+    return [(r["stage"], r["epoch"]) for r in map(json.loads, lines)]
+
+
+@pytest.fixture(scope="module")
+def bibtex(shared_data_dir) -> Path:
+    return shared_data_dir / "xc" / "bibtex"
+
+
+@pytest.fixture(scope="module")
+def e2e_model(bibtex, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("e2e") / "model"
+    _cli_ok("train", bibtex, out, "--quiet", *_sets(E2E))
+    return out
+
+
+@pytest.fixture(scope="module")
+def e2e_eval(e2e_model, bibtex, tmp_path_factory) -> tuple[dict, dict]:
+    d = tmp_path_factory.mktemp("eval")
+    _cli_ok("eval", e2e_model, bibtex, "--json", d / "pp.json")
+    _cli_ok("eval", e2e_model, bibtex, "--no-rerank", "--json", d / "plain.json")
+    return json.loads((d / "pp.json").read_text()), json.loads((d / "plain.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference_run(bibtex, tmp_path_factory) -> Path:
+    """One uninterrupted TINY run, the reference for determinism and resume."""
+    out = tmp_path_factory.mktemp("ref") / "model"
+    run_training(bibtex, out, EliasConfig().with_overrides(TINY), progress=False)
+    return out
+
+
+# ---- 1. end to end ------------------------------------------------------------------------------
+
+def test_model_dir_holds_the_documented_files(e2e_model):
+    for name in ("config.json", "labels.jsonl", "model.safetensors", "model.json", "history.jsonl"):
+        assert (e2e_model / name).is_file(), name
+    for name in ("featurizer", "encoder", "train_state", "ranker"):
+        assert (e2e_model / name).is_dir(), name
+    assert (e2e_model / "encoder" / "encoder.json").is_file()
+
+    meta = json.loads((e2e_model / "model.json").read_text())
+    L = meta["num_labels"]
+    assert (meta["stage"], L, meta["num_clusters"], meta["dim"]) == (2, 159, 8, 64)
+    assert meta["kappa"] >= 40
+
+    t = load_file(str(e2e_model / "model.safetensors"))
+    C, kappa, d = meta["num_clusters"], meta["kappa"], meta["dim"]
+    assert t["W_C"].shape == (C, d) and t["b_C"].shape == (C,)
+    assert t["A_ids"].shape == (C, kappa) and t["A_logits"].shape == (C, kappa)
+    assert t["W_L"].shape == (L, d) and t["b_L"].shape == (L,)
+    assert torch.isinf(t["A_logits"][t["A_ids"] == L]).all()
+
+    labels = [json.loads(x) for x in (e2e_model / "labels.jsonl").read_text().splitlines()]
+    assert len(labels) == L and all("id" in r and "name" in r for r in labels)
+    assert EliasConfig.load(e2e_model / "config.json").to_dict() == EliasConfig().with_overrides(E2E).to_dict()
+    assert _epochs(e2e_model) == [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2)]
+
+
+def test_eval_json_has_every_metric_in_range(e2e_eval):
+    for m in e2e_eval:
+        for key in ("P@1", "P@3", "P@5", "nDCG@1", "nDCG@5", "PSP@1", "PSP@5", "R@10", "R@100"):
+            assert 0.0 <= m[key] <= 100.0, (key, m[key])
+        buckets = [k for k in m if k.startswith("R@100 [")]
+        assert "R@100 [>100]" in buckets and "R@100 [6-20]" in buckets
+        assert all(0.0 <= m[k] <= 100.0 for k in buckets)
+        assert m["num_points"] == 2515 and m["split"] == "test"
+        assert m["P@1"] == pytest.approx(m["nDCG@1"])
+        assert m["R@10"] <= m["R@20"] <= m["R@50"] <= m["R@100"]
+        assert m["P@1"] >= m["P@5"]
+    assert (e2e_eval[0]["method"], e2e_eval[1]["method"]) == ("ELIAS++", "ELIAS")
+
+
+def test_trained_model_beats_the_popularity_baseline(e2e_eval, bibtex):
+    cfg = EliasConfig().with_overrides(E2E)
+    train_split = read_split(bibtex, "train", cfg.data, max_rows=cfg.train.max_train_points)
+    test = read_split(bibtex, "test", cfg.data, vocab=train_split.vocab)
+    most_frequent = int(np.asarray(train_split.known_labels().sum(0)).ravel().argmax())
+    popularity_p1 = 100.0 * test.labels[:, most_frequent].toarray().mean()
+    assert 5.0 < popularity_p1 < 25.0  # Bibtex: about 13.6
+    plusplus, plain = e2e_eval
+    assert plain["P@1"] >= popularity_p1 + 10.0
+    assert plusplus["P@1"] >= 2.5 * popularity_p1
+    assert plain["R@100"] >= 70.0
+
+
+def test_no_rerank_changes_the_ranking_but_not_recall_at_100(e2e_eval, e2e_model):
+    plusplus, plain = e2e_eval
+    assert load_model_dir(e2e_model).ranker is not None
+    assert plusplus["R@100"] == pytest.approx(plain["R@100"], abs=1e-9)
+    assert plusplus["P@1"] != pytest.approx(plain["P@1"])
+    assert plusplus["nDCG@5"] != pytest.approx(plain["nDCG@5"])
+
+
+# ---- 2. sparse-A initialisation -----------------------------------------------------------------
+
+def test_every_label_has_an_edge_in_the_trained_graph(e2e_model):
+    t = load_file(str(e2e_model / "model.safetensors"))
+    L = json.loads((e2e_model / "model.json").read_text())["num_labels"]
+    covered = coverage(t["A_ids"], L)
+    assert covered.all()
+    assert t["train_label_counts"].shape == (L,)
+    assert covered[t["train_label_counts"].numpy() > 0].all()
+
+
+def test_initialised_graph_from_a_real_stage1_model_covers_every_label(bibtex, tmp_path):
+    # kappa = the stage-1 cluster size (10 labels, 16 clusters): rows are full, so top-kappa by affinity
+    # alone would drop labels. stage2_epochs=0 keeps the initialised graph and the stage-1 model as they are.
+    out = tmp_path / "model"
+    cfg = EliasConfig().with_overrides([*TINY, "model.cluster_size=10", "model.kappa=10", "train.stage2_epochs=0",
+                                        "train.reranker=false"])
+    tm = run_training(bibtex, out, cfg, progress=False)
+    L, C = tm.model.num_labels, tm.model.num_clusters
+    assert (L, C) == (159, 16)
+    A_ids = load_file(str(out / "model.safetensors"))["A_ids"]
+    assert coverage(A_ids, L).all()
+    assert int(tm.meta["stage"]) == 2
+
+    # Recompute the initialisation from the saved stage-1 model: the same graph. And without the coverage
+    # guarantee (each row's top kappa labels by affinity) some labels would have had no edge.
+    _, data = train_module.load_data(bibtex, cfg, tm.featurizer, progress=False)
+    inputs = tm.model.encoder.prepare(data.train)
+    ids, scores = top_clusters(tm.model, inputs, cfg.train.init_top_clusters, cfg.train.eval_batch_size,
+                               torch.device("cpu"))
+    aff = cluster_affinity(ids, scores, data.Y_train, C)
+    partition = balanced_clusters(pifa(data.X_train, data.Y_train), C, seed=cfg.train.seed)
+    A2, logits2 = init_graph(aff, partition, 10)
+    assert torch.equal(A2, A_ids)
+    torch.testing.assert_close(logits2, tm.model.A_logits.detach())
+
+    dense = aff.toarray()
+    naive = np.zeros(L, dtype=bool)
+    for c in range(C):
+        top = np.argsort(-dense[:, c], kind="stable")[:10]
+        naive[top[dense[top, c] > 0]] = True
+    assert not naive.all(), "the data should exercise the coverage guarantee"
+
+
+def test_zero_stage2_epochs_still_writes_a_loadable_model(bibtex, tmp_path):
+    out = tmp_path / "model"
+    cfg = EliasConfig().with_overrides([*TINY, "train.stage2_epochs=0", "train.reranker=false"])
+    run_training(bibtex, out, cfg, progress=False)
+    tm = load_model_dir(out)
+    assert int(tm.model.stage) == 2
+    assert coverage(tm.model.A_ids, tm.model.num_labels).all()
+    assert _epochs(out) == [(1, 1), (1, 2)]
+
+
+# ---- 3. determinism -----------------------------------------------------------------------------
+
+def test_two_runs_with_the_same_seed_give_identical_tensors(bibtex, reference_run, tmp_path):
+    out = tmp_path / "again"
+    run_training(bibtex, out, EliasConfig().with_overrides(TINY), progress=False)
+    _assert_same_tensors(reference_run, out)
+    assert (out / "labels.jsonl").read_bytes() == (reference_run / "labels.jsonl").read_bytes()
+
+
+def test_a_different_seed_gives_different_tensors(bibtex, reference_run, tmp_path):
+    out = tmp_path / "seed1"
+    cfg = EliasConfig().with_overrides([*TINY, "train.seed=1", "train.stage2_epochs=1", "train.reranker=false"])
+    run_training(bibtex, out, cfg, progress=False)
+    a, b = load_file(str(reference_run / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert not torch.equal(a["W_L"], b["W_L"])
+
+
+# ---- 4. resume ----------------------------------------------------------------------------------
+
+def _interrupt_loss_at(monkeypatch, stage: int, call: int) -> None:
+    """KeyboardInterrupt on the `call`-th training step of `stage` (1-based), as Ctrl-C would."""
+    original = EliasModel.loss
+    seen = {1: 0, 2: 0}
+
+    def loss(self, *args, **kwargs):
+        s = int(self.stage)
+        seen[s] += 1
+        if s == stage and seen[s] == call:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(EliasModel, "loss", loss)
+
+
+def _interrupt_graph_init(monkeypatch) -> None:
+    """KeyboardInterrupt between the stages: stage 1 is finished and checkpointed, A not yet initialised."""
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "init_graph", boom)
+
+
+@pytest.mark.parametrize("where", ["mid-stage-1", "after-stage-1", "mid-stage-2"])
+def test_resume_after_an_interruption_ends_with_the_uninterrupted_tensors(bibtex, reference_run, tmp_path,
+                                                                          monkeypatch, where):
+    out = tmp_path / "model"
+    with monkeypatch.context() as m:
+        if where == "mid-stage-1":
+            _interrupt_loss_at(m, 1, TINY_STEPS_PER_EPOCH + 3)  # in epoch 2 of stage 1
+        elif where == "after-stage-1":
+            _interrupt_graph_init(m)
+        else:
+            _interrupt_loss_at(m, 2, TINY_STEPS_PER_EPOCH + 3)  # in epoch 2 of stage 2
+        with pytest.raises(KeyboardInterrupt):
+            run_training(bibtex, out, EliasConfig().with_overrides(TINY), progress=False)
+    assert (out / "train_state").is_dir()
+    # Without a dev split each stage-2 epoch writes the model; before stage 2 there is none yet.
+    assert (out / "model.json").exists() == (where == "mid-stage-2")
+
+    _cli_ok("train", bibtex, out, "--resume", "--quiet")
+    _assert_same_tensors(reference_run, out)
+    assert _epochs(out) == _epochs(reference_run) == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    meta, ref_meta = (json.loads((d / "model.json").read_text()) for d in (out, reference_run))
+    pairs = [[(r["stage"], r["epoch"]) for r in m["history"]] for m in (meta, ref_meta)]
+    assert pairs[0] == pairs[1]
+
+
+def test_resume_with_nothing_to_resume_is_a_one_line_error(bibtex, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_line_error(_cli("train", bibtex, empty, "--resume"), "nothing to resume")
+    _one_line_error(_cli("train", bibtex, tmp_path / "missing", "--resume"), "nothing to resume")
+    # A run that stopped before its first checkpoint has a config but no training state.
+    (empty / "config.json").write_text(json.dumps(EliasConfig().to_dict()))
+    _one_line_error(_cli("train", bibtex, empty, "--resume"), "nothing to resume")
+
+
+def test_resume_rejects_new_settings(bibtex, reference_run):
+    _one_line_error(_cli("train", bibtex, reference_run, "--resume", "--set", "train.seed=3"), "--resume")
+
+
+def test_training_into_a_directory_with_a_run_is_a_one_line_error(bibtex, reference_run):
+    before = {p: p.read_bytes() for p in (reference_run / "config.json", reference_run / "model.safetensors")}
+    _one_line_error(_cli("train", bibtex, reference_run, "--quiet", *_sets(TINY)), "already holds a training run")
+    assert {p: p.read_bytes() for p in before} == before
