@@ -141,10 +141,8 @@ class EliasConfig:
         sec = getattr(self, section, None)
         if sec is None or not dataclasses.is_dataclass(sec):
             raise ConfigError(f"unknown config section {section!r}")
-        hints = get_type_hints(type(sec))
-        if key not in hints:
+        if key not in get_type_hints(type(sec)):
             raise ConfigError(f"unknown config key {section}.{key}")
-        expected = hints[key]
         current = getattr(sec, key)
         if isinstance(current, bool):
             if not isinstance(value, bool):
@@ -158,8 +156,6 @@ class EliasConfig:
             value = float(value)
         elif isinstance(current, str):
             value = str(value)
-        elif isinstance(current, list):
-            if not isinstance(value, list):
-                raise ConfigError(f"{section}.{key} must be a list, got {value!r}")
-        del expected
+        elif isinstance(current, list) and not isinstance(value, list):
+            raise ConfigError(f"{section}.{key} must be a list, got {value!r}")
         setattr(sec, key, value)

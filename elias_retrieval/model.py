@@ -1,4 +1,4 @@
-"""The ELIAS model (ELIAS.md, "The model"): encoder phi, cluster classifiers W_C, sparse graph A, label classifiers W_L."""
+"""The ELIAS model (ELIAS.md, "The model"): encoder phi, cluster classifiers W_C, graph A, label classifiers W_L."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ class EliasModel(nn.Module):
         path_loss = -(log_path * y).sum() / n_pos.clamp(min=1)
         if lam > 0:
             loss = loss + lam * path_loss
-        stats = {"recall": float(n_pos) / max(1, len(pos_labels)), "path_loss": float(path_loss)}
+        stats = {"recall": float(n_pos) / max(1, len(pos_labels)), "path_loss": float(path_loss.detach())}
         return loss, stats
 
     @torch.no_grad()

@@ -20,6 +20,7 @@ def test_every_label_keeps_an_edge_even_when_rows_are_full():
     dense = np.zeros((L, C))
     dense[:30, 0] = rng.random(30) + 0.5
     partition = [np.arange(c * 10, (c + 1) * 10) for c in range(C)]
+    assert len(partition) == C
     A_ids, A_logits = init_graph(sp.csr_matrix(dense), partition, kappa)
     assert coverage(A_ids, L).all()
     assert A_ids.shape[1] >= kappa
@@ -27,7 +28,7 @@ def test_every_label_keeps_an_edge_even_when_rows_are_full():
 
 
 def test_rows_keep_their_strongest_labels():
-    L, C, kappa = 6, 2, 4
+    L, kappa = 6, 4
     dense = np.array([[5, 0], [4, 0], [3, 1], [2, 0], [1, 6], [0, 7]], dtype=np.float64)
     partition = [np.array([0, 1, 2]), np.array([3, 4, 5])]
     A_ids, A_logits = init_graph(sp.csr_matrix(dense), partition, kappa)

@@ -44,7 +44,7 @@ def test_best_paths_keeps_each_label_once_with_its_best_path():
     ids = torch.tensor([[3, 5, 3, 7, 5, 9]])
     path = torch.tensor([[0.2, 0.9, 0.8, 0.1, 0.3, 0.5]])
     pos, valid = best_paths(ids, path, k=10, pad_id=9)
-    got = [(int(ids[0, p]), round(float(path[0, p]), 4)) for p, v in zip(pos[0], valid[0]) if v]
+    got = [(int(ids[0, p]), round(float(path[0, p]), 4)) for p, v in zip(pos[0], valid[0], strict=True) if v]
     assert got == [(5, 0.9), (3, 0.8), (7, 0.1)]  # 9 is the pad id
     assert int(valid.sum()) == 3
 

@@ -7,7 +7,9 @@ import scipy.sparse as sp
 import torch
 
 
-def cluster_affinity(cluster_top_ids: np.ndarray, cluster_top_scores: np.ndarray, Y: sp.csr_matrix, C: int) -> sp.csr_matrix:
+def cluster_affinity(
+    cluster_top_ids: np.ndarray, cluster_top_scores: np.ndarray, Y: sp.csr_matrix, C: int
+) -> sp.csr_matrix:
     """Y^T M: for each label and cluster, the summed cluster score over the label's positives. (L, C)."""
     N, t = cluster_top_ids.shape
     M = sp.csr_matrix(

@@ -19,9 +19,9 @@ def _fit_labels(X: sp.csr_matrix, cand: sp.csc_matrix, Y: sp.csc_matrix, labels:
                 threshold: float, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], np.ndarray]:
     warnings.simplefilter("ignore", ConvergenceWarning)
     cols, vals, bias = [], [], np.zeros(len(labels), dtype=np.float32)
-    for j, l in enumerate(labels):
-        rows = cand.indices[cand.indptr[l]: cand.indptr[l + 1]]
-        pos = Y.indices[Y.indptr[l]: Y.indptr[l + 1]]
+    for j, lab in enumerate(labels):
+        rows = cand.indices[cand.indptr[lab]: cand.indptr[lab + 1]]
+        pos = Y.indices[Y.indptr[lab]: Y.indptr[lab + 1]]
         y = np.isin(rows, pos)
         if len(rows) == 0 or y.all() or not y.any():
             bias[j] = 1.0 if len(rows) and y.all() else -1.0
@@ -72,8 +72,8 @@ def train_ranker(
     all_vals: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * L
     bias = np.zeros(L, dtype=np.float32)
     for labels, cols, vals, b in W_rows:
-        for l, cc, vv in zip(labels, cols, vals, strict=True):
-            all_cols[l], all_vals[l] = cc, vv
+        for lab, cc, vv in zip(labels, cols, vals, strict=True):
+            all_cols[lab], all_vals[lab] = cc, vv
         bias[labels] = b
     indptr[1:] = np.cumsum([len(cc) for cc in all_cols])
     W = sp.csr_matrix((np.concatenate(all_vals), np.concatenate(all_cols), indptr), shape=(L, X.shape[1]))

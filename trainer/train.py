@@ -190,7 +190,9 @@ class Trainer:
         if resume and not checkpoint.has_state(self.out_dir):
             raise TrainingError(f"{self.out_dir}: nothing to resume (no {checkpoint.STATE_DIR}/)")
         if not resume and checkpoint.has_state(self.out_dir):
-            raise TrainingError(f"{self.out_dir} already holds a training run: pass --resume, or choose a new directory")
+            raise TrainingError(
+                f"{self.out_dir} already holds a training run: pass --resume, or choose a new directory"
+            )
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.out_dir / "config.json", cfg.to_dict())
         t_start = time.perf_counter()
@@ -226,7 +228,9 @@ class Trainer:
             self._run_stage(model, data, inputs, 1, progress_state, state_t, state_m)
             state_t, state_m = {}, {}
             t0 = time.perf_counter()
-            ids, scores = top_clusters(model, inputs, cfg.train.init_top_clusters, cfg.train.eval_batch_size, self.device)
+            ids, scores = top_clusters(
+                model, inputs, cfg.train.init_top_clusters, cfg.train.eval_batch_size, self.device
+            )
             aff = cluster_affinity(ids, scores, data.Y_train, C)
             partition = [np.asarray(r[r < L].cpu().numpy()) for r in model.A_ids]
             A_ids, A_logits = init_graph(aff, partition, min(cfg.model.kappa, L))

@@ -13,7 +13,9 @@ from elias_retrieval.atomic import write_json
 from elias_retrieval.cli.app import app, console, fail, user_errors
 from elias_retrieval.config import EliasConfig
 
-DATASET_HELP = "Dataset directory holding train.*, test.* and optionally dev.* (JSON lines or XC format, gzipped or not)."
+DATASET_HELP = (
+    "Dataset directory holding train.*, test.* and optionally dev.* (JSON lines or XC format, gzipped or not)."
+)
 
 
 @app.command()
@@ -22,7 +24,9 @@ def train(
     dataset_dir: Annotated[Path, typer.Argument(help=DATASET_HELP)],
     model_dir: Annotated[Path, typer.Argument(help="Output model directory (created).")],
     encoder: Annotated[str | None, typer.Option(help="Query encoder: tfidf (fast on CPU) or transformer.")] = None,
-    config: Annotated[Path | None, typer.Option(help="JSON config file (sections data, features, model, train).")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="JSON config file (sections data, features, model, train).")
+    ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: section.key=value.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in MODEL_DIR from its last epoch.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
