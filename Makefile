@@ -22,7 +22,7 @@ run: setup
 	$(VENV)/bin/elias train $(DATA)/eurlex57k $(RUN_DIR)/eurlex57k
 	$(VENV)/bin/elias eval $(RUN_DIR)/eurlex57k $(DATA)/eurlex57k --split test --json $(RUN_DIR)/eurlex57k-test.json
 	$(VENV)/bin/elias build-index $(RUN_DIR)/eurlex57k $(RUN_DIR)/eurlex57k-index --dtype fp16
-	$(VENV)/bin/elias search $(RUN_DIR)/eurlex57k-index "Regulation on the common organisation of the market in wine"
+	$(VENV)/bin/elias search $(RUN_DIR)/eurlex57k-index -k 10 "Regulation on the common organisation of the market in wine"
 
 test: setup
 	$(VENV)/bin/ruff check .
@@ -31,8 +31,14 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# Full-size benchmarks, one after another (each rewrites its own section of BENCHMARKS.md); run them on a quiet
+# machine. The index dtype quality run evaluates the model the EURLEX57K quality run trains.
 bench: setup
-	$(PY) bench/quality_eurlex57k.py
+	$(PY) bench/quality_eurlex57k.py --data $(DATA)/eurlex57k --out $(RUN_DIR)/bench-eurlex57k
+	$(PY) bench/index_load.py --quality $(RUN_DIR)/bench-eurlex57k/model $(DATA)/eurlex57k
+	$(PY) bench/index_load.py
+	$(PY) bench/search_latency.py
+	$(PY) bench/grpc_load.py
 
 proto: setup
 	$(PY) -m elias_retrieval.proto_gen

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/grpc_load.py                  # synthetic 1M-label index (as bench/search_latency.py)
     .venv/bin/python bench/grpc_load.py --labels 100000 --no-write
+    .venv/bin/python bench/grpc_load.py --quick --benchmarks-file /tmp/B.md   # tiny smoke run (the tests)
 
 The server runs in a child process (`--role server`) on an ephemeral loopback port; the client process
 sends embedding queries. One client: p50/p99 latency of sequential Search calls against in-process
@@ -12,7 +13,6 @@ sends embedding queries. One client: p50/p99 latency of sequential Search calls 
 from __future__ import annotations
 
 import argparse
-import datetime
 import subprocess
 import sys
 import threading
@@ -26,7 +26,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from report import BENCHMARKS, command_line, machine, parse_args, today, write_section  # noqa: E402
+
 SECTION = "## gRPC serving"
+# --quick: a few seconds, for the test suite; the numbers mean nothing.
+QUICK = {"labels": 10_000, "clusters": 128, "kappa": 100, "dim": 32, "shortlist": 500, "queries": 100, "clients": 4,
+         "seconds": 1.0}
 
 
 def build_searcher(args: argparse.Namespace):
@@ -155,14 +160,16 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=1000, help="sequential queries for the one-client latency")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help=f"tiny sizes, a few seconds ({QUICK})")
+    ap.add_argument("--benchmarks-file", type=Path, default=BENCHMARKS, help="where the table goes")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    args = parse_args(ap, QUICK)
     if args.role == "server":
         run_server(args)
         return
 
     import torch
-    from search_latency import machine, percentiles, write_section
+    from search_latency import percentiles
 
     machine_desc = machine()  # before the run: the load average says whether the machine was quiet
 
@@ -199,13 +206,12 @@ def main() -> None:
     print(f"batching / no batching throughput: {qps_b / qps_n:.2f}x")
     if args.no_write:
         return
-    cmd = ("python bench/grpc_load.py " + " ".join(sys.argv[1:])).strip()
     setup = (f"synthetic index L = {args.labels:,}, C = {args.clusters:,}, kappa = {args.kappa}, d = {args.dim}, "
              f"fp16 W_L, k = {args.k}, beam = {args.beam}, shortlist = {args.shortlist}; embedding queries; "
              f"server and clients on the same machine, server torch threads = {args.threads}, "
              f"batching max {args.max_batch} queries / {args.max_wait_us} us")
     lines = [
-        f"Setup: {setup}. Machine: {machine_desc}. Date: {datetime.date.today().isoformat()}. Command: `{cmd}`.", "",
+        f"Setup: {setup}. Machine: {machine_desc}. Date: {today()}. Command: `{command_line()}`.", "",
         "| measurement | p50 (ms) | p99 (ms) | queries/s |",
         "| --- | --- | --- | --- |",
         f"| in-process `search_embeddings`, batch 1 | {ip50:.3f} | {ip99:.3f} | |",
@@ -215,19 +221,8 @@ def main() -> None:
         f"| {args.clients} concurrent clients, no batching | {lat_n:.1f} | | {qps_n:,.0f} |",
         f"| throughput ratio, batching / no batching | | | {qps_b / qps_n:.2f}x |",
     ]
-    write_section_as(write_section, "\n".join(lines))
-    print(f"wrote {SECTION!r}")
-
-
-def write_section_as(writer, text: str) -> None:
-    import search_latency
-
-    saved = search_latency.SECTION
-    search_latency.SECTION = SECTION
-    try:
-        writer(text)
-    finally:
-        search_latency.SECTION = saved
+    write_section(SECTION, "\n".join(lines), args.benchmarks_file)
+    print(f"wrote {SECTION!r} in {args.benchmarks_file}")
 
 
 if __name__ == "__main__":

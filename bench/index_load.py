@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/index_load.py                          # 1M labels, d=256, kappa=1000, C=16384
     .venv/bin/python bench/index_load.py --labels 100000 --no-write
-    .venv/bin/python bench/index_load.py --quality runs/eurlex57k ../shared/data/eurlex57k
+    .venv/bin/python bench/index_load.py --quality runs/bench-eurlex57k/model ../shared/data/eurlex57k
+    .venv/bin/python bench/index_load.py --quick --benchmarks-file /tmp/B.md   # tiny smoke run (the tests)
 
 Default mode (BENCHMARKS.md, "## Index size and load time"): builds fp16 and int8 indexes of
 `elias_retrieval.synthetic` tensors, reports the size of each part against the acceptance ratios, then
@@ -17,11 +18,7 @@ indexes of a trained model and evaluates each on the test split (P@k, R@100, top
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -34,14 +31,18 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from report import BENCHMARKS, command_line, machine, parse_args, today, write_section  # noqa: E402
 
 from elias_retrieval.index_format import drop_page_cache, index_size, read_index, write_index  # noqa: E402
 from elias_retrieval.search import SearchTensors, search  # noqa: E402
 
-BENCHMARKS = ROOT / "BENCHMARKS.md"
 SIZE_SECTION = "## Index size and load time"
 QUALITY_SECTION = "## Index dtype quality"
 MiB = 1 << 20
+# --quick: a few seconds, for the test suite; the numbers mean nothing. max_points applies to --quality.
+QUICK = {"labels": 10_000, "dim": 32, "kappa": 100, "shortlist": 500, "queries": 50, "repeats": 1, "max_points": 200}
 
 # Runs in a fresh interpreter: imports first (not timed), then open, first search, RSS.
 _PROBE = r"""
@@ -76,28 +77,6 @@ print(json.dumps({"open_s": t_open, "first_search_s": t_first, "second_search_s"
                   "labels_s": t_labels, "rss_open": rss_open, "rss_first": rss_first,
                   "top1_ok": int(res.ids[0, 0]) == target, "num_labels": n_labels}))
 """
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = re.search(r"Model name:\s*(.+)", out).group(1).strip()  # type: ignore[union-attr]
-    except (OSError, AttributeError):
-        model = platform.processor() or "unknown CPU"
-    return f"{model}, {os.cpu_count()} cores, 1-min load average {os.getloadavg()[0]:.2f} before the run"
-
-
-def write_section(title: str, body: str) -> None:
-    """Replace (or append) one `## ` section of BENCHMARKS.md, leaving the others as they are."""
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    block = f"{title}\n\n{body.strip()}\n"
-    start = text.find(title + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + block
-    else:
-        nxt = text.find("\n## ", start + len(title))
-        text = text[:start] + block + ("" if nxt < 0 else "\n" + text[nxt + 1 :])
-    BENCHMARKS.write_text(text)
 
 
 def overlap_at_10(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -181,8 +160,7 @@ def size_and_load(args: argparse.Namespace) -> None:
         f"Synthetic index (`elias_retrieval.synthetic`): L = {args.labels:,}, C = {f16['W_C'] // (4 * args.dim):,}, "
         f"kappa = {args.kappa}, d = {args.dim}, no encoder (embedding queries). Search defaults k = 100, "
         f"beam = {args.beam}, K = {args.shortlist}; torch threads = {args.threads}. Machine: {desc}. "
-        f"Date: {datetime.date.today().isoformat()}. Command: `python bench/index_load.py "
-        f"{' '.join(sys.argv[1:])}`.".replace("`python bench/index_load.py `", "`python bench/index_load.py`"),
+        f"Date: {today()}. Command: `{command_line()}`.",
         "",
         "Size on disk (bytes):",
         "",
@@ -237,8 +215,8 @@ def size_and_load(args: argparse.Namespace) -> None:
     report = "\n".join(lines)
     print(report)
     if not args.no_write:
-        write_section(SIZE_SECTION, report)
-        print(f"wrote {BENCHMARKS}")
+        write_section(SIZE_SECTION, report, args.benchmarks_file)
+        print(f"wrote {SIZE_SECTION!r} in {args.benchmarks_file}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -278,8 +256,7 @@ def quality(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     lines = [
         f"Model `{model_dir}`, {args.split} split of `{dataset_dir}` ({len(data):,} points), indexes built with "
         f"`elias build-index --dtype fp32|fp16|int8`{f' --kappa {args.prune_kappa}' if args.prune_kappa else ''}, "
-        f"searched with the index defaults. Machine: {desc}. Date: {datetime.date.today().isoformat()}. "
-        f"Command: `python bench/index_load.py {' '.join(sys.argv[1:])}`.",
+        f"searched with the index defaults. Machine: {desc}. Date: {today()}. Command: `{command_line()}`.",
         "",
         "| W_L dtype | size (MiB) | P@1 | P@5 | R@100 | R@100 - fp32 | limit | pass | top-10 overlap with fp32 |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
@@ -294,8 +271,8 @@ def quality(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     report = "\n".join(lines)
     print(report)
     if not args.no_write:
-        write_section(QUALITY_SECTION, report)
-        print(f"wrote {BENCHMARKS}")
+        write_section(QUALITY_SECTION, report, args.benchmarks_file)
+        print(f"wrote {QUALITY_SECTION!r} in {args.benchmarks_file}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return results
@@ -325,8 +302,10 @@ def main() -> None:
     ap.add_argument("--prune-kappa", type=int, default=None, help="--quality: also prune A (build-index --kappa)")
     ap.add_argument("--work-dir", default=None, help="where the indexes are built (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the built indexes")
+    ap.add_argument("--quick", action="store_true", help=f"tiny sizes, a few seconds ({QUICK})")
+    ap.add_argument("--benchmarks-file", type=Path, default=BENCHMARKS, help="where the tables go")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    args = ap.parse_args()
+    args = parse_args(ap, QUICK)
     if args.quality:
         quality(args)
     else:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import ROOT, command_line, machine, today, write_section  # noqa: E402
+from report import BENCHMARKS, ROOT, command_line, machine, today, write_section  # noqa: E402
 
 from elias_retrieval.config import EliasConfig  # noqa: E402
 from elias_retrieval.data import read_split  # noqa: E402
@@ -55,12 +55,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny run: 2,000 training points, 1 epoch per stage")
     ap.add_argument("--skip-xrlinear", action="store_true")
     ap.add_argument("--no-write", action="store_true", help="print the table instead of writing BENCHMARKS.md")
+    ap.add_argument("--benchmarks-file", type=Path, default=BENCHMARKS, help="where the table goes")
     args = ap.parse_args()
     overrides = list(args.overrides)
     if args.quick:
         overrides += ["train.max_train_points=2000", "train.max_eval_points=300", "train.stage1_epochs=1",
                       "train.stage2_epochs=1", "train.stage1_min_steps=0", "train.stage2_min_steps=0",
-                      "features.max_features=20000"]
+                      "features.max_features=5000", "features.ngram_max=1", "model.dim=64", "model.kappa=200",
+                      "model.shortlist_size=200",
+                      # one torch thread: on a shared 2-core box the default thread count makes this run 5x slower
+                      "train.threads=1"]
     max_test = 500 if args.quick else 0
     env_line = machine()
     model_dir = args.out / "model"
@@ -112,7 +116,8 @@ def main() -> None:
         f"Machine: {env_line}. Date: {today()}. Command: `{command_line()}`.",
         "",
         f"Encoder: `{meta['encoder']}` (d = {meta['dim']}); L = {meta['num_labels']:,}, C = {meta['num_clusters']}, "
-        f"kappa = {meta['kappa']}; selected stage {meta['selected']['stage']} epoch {meta['selected']['epoch']} on dev. "
+        f"kappa = {meta['kappa']}; selected stage {meta['selected']['stage']} epoch {meta['selected']['epoch']} "
+        "on dev. "
         "Train time includes reading and featurisation for every row; peak memory is the training process's "
         "maximum RSS. Prediction time is per query, batched, encoding included for ELIAS (in-process beam search "
         "for XR-Linear, one thread).",
@@ -136,8 +141,8 @@ def main() -> None:
     if args.no_write:
         print(text)
     else:
-        write_section(SECTION, text)
-        print(f"wrote {SECTION!r}")
+        write_section(SECTION, text, args.benchmarks_file)
+        print(f"wrote {SECTION!r} in {args.benchmarks_file}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Shared pieces of the benchmark scripts: the machine line and replacing one section of BENCHMARKS.md."""
+"""Shared pieces of the benchmark scripts: the machine line, the command, --quick sizes and replacing one section
+of BENCHMARKS.md."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -10,6 +12,7 @@ import subprocess
 import sys
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 from elias_retrieval.atomic import write_text
 
@@ -38,7 +41,7 @@ def today() -> str:
 
 
 def write_section(title: str, body: str, path: Path = BENCHMARKS) -> None:
-    """Replace (or append) the `title` section (a `## ` heading) of BENCHMARKS.md, leaving the others."""
+    """Replace (or append) the `title` section (a `## ` heading) of `path`, leaving the others; atomic."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     block = f"{title}\n\n{body.strip()}\n"
     start = text.find(title + "\n")
@@ -48,3 +51,12 @@ def write_section(title: str, body: str, path: Path = BENCHMARKS) -> None:
         nxt = text.find("\n## ", start + len(title))
         text = text[:start] + block + ("" if nxt < 0 else "\n" + text[nxt + 1:])
     write_text(path, text)
+
+
+def parse_args(ap: argparse.ArgumentParser, quick: dict[str, Any], argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse `ap`; with --quick, the sizes in `quick` replace the defaults (flags given explicitly still win)."""
+    args = ap.parse_args(argv)
+    if args.quick:
+        ap.set_defaults(**quick)
+        args = ap.parse_args(argv)
+    return args

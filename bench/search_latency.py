@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/search_latency.py                   # 1M labels, C=16384, kappa=1000, d=256, fp16 W_L
     .venv/bin/python bench/search_latency.py --labels 100000 --no-write
+    .venv/bin/python bench/search_latency.py --quick --benchmarks-file /tmp/B.md   # tiny smoke run (the tests)
 
 Embeddings are given (no encoder). Batch 1: p50/p99 of `Searcher.search_embeddings` over distinct random
 queries, with 1 and 2 torch threads. Batch 256: queries/s, and the FLOP/s that the W_C GEMM and the W_L
@@ -11,10 +12,6 @@ shortlist products reach as a fraction of this machine's measured fp32 GEMM FLOP
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,12 +20,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import BENCHMARKS, command_line, machine, parse_args, today, write_section  # noqa: E402
 
 from elias_retrieval.search import SearchTensors, cluster_scores, label_logits, shortlist  # noqa: E402
 from elias_retrieval.searcher import Searcher  # noqa: E402
 
 SECTION = "## In-process search latency"
-BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+# --quick: a few seconds, for the test suite; the numbers mean nothing.
+QUICK = {"labels": 10_000, "clusters": 128, "kappa": 100, "dim": 32, "shortlist": 500, "queries": 100, "batch": 32,
+         "batches": 2}
 
 
 def make_tensors(num_labels: int, dim: int, kappa: int, num_clusters: int | None, seed: int) -> SearchTensors:
@@ -52,17 +54,6 @@ def make_tensors(num_labels: int, dim: int, kappa: int, num_clusters: int | None
     )
 
 
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = re.search(r"Model name:\s*(.+)", out).group(1).strip()  # type: ignore[union-attr]
-    except (OSError, AttributeError):
-        model = platform.processor() or "unknown CPU"
-    import os
-
-    return f"{model}, {os.cpu_count()} cores, 1-min load average {os.getloadavg()[0]:.2f} before the run"
-
-
 def percentiles(ts: list[float]) -> tuple[float, float]:
     a = np.sort(np.asarray(ts)) * 1e3
     return float(np.percentile(a, 50)), float(np.percentile(a, 99))
@@ -79,14 +70,6 @@ def gemm_peak(dim: int, C: int, batch: int = 256, reps: int = 10) -> float:
     return 2 * batch * dim * C / best
 
 
-def write_section(text: str) -> None:
-    old = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    block = f"{SECTION}\n\n{text.strip()}\n\n"
-    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
-    BENCHMARKS.write_text(new.rstrip() + "\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--labels", type=int, default=1_000_000)
@@ -99,8 +82,10 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=2000, help="batch-1 queries timed per thread count")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--quick", action="store_true", help=f"tiny sizes, a few seconds ({QUICK})")
+    ap.add_argument("--benchmarks-file", type=Path, default=BENCHMARKS, help="where the table goes")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    args = ap.parse_args()
+    args = parse_args(ap, QUICK)
     machine_desc = machine()  # before the run: the load average says whether the machine was quiet
 
     t0 = time.perf_counter()
@@ -112,7 +97,6 @@ def main() -> None:
     print(f"index: L={t.num_labels:,} C={t.num_clusters:,} kappa={t.A_ids.shape[1]} d={t.dim} "
           f"W_L {t.W_L.dtype}, built in {time.perf_counter() - t0:.1f} s", flush=True)
     rng = np.random.default_rng(1)
-    cmd = "python bench/search_latency.py " + " ".join(sys.argv[1:])
     rows = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
@@ -159,12 +143,11 @@ def main() -> None:
 
     if args.no_write:
         return
-    date = datetime.date.today().isoformat()
     setup = (f"L = {t.num_labels:,}, C = {t.num_clusters:,}, kappa = {t.A_ids.shape[1]}, d = {t.dim}, "
              f"W_L {str(t.W_L.dtype).removeprefix('torch.')}, k = {args.k}, beam = {args.beam}, "
              f"shortlist = {args.shortlist}; embeddings given; CPU")
     lines = [
-        f"Synthetic index: {setup}. Machine: {machine_desc}. Date: {date}. Command: `{cmd.strip()}`.", "",
+        f"Synthetic index: {setup}. Machine: {machine_desc}. Date: {today()}. Command: `{command_line()}`.", "",
         "| batch | torch threads | p50 (ms) | p99 (ms) | queries/s | W_C + W_L FLOP/s vs GEMM peak |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
@@ -172,8 +155,8 @@ def main() -> None:
         lines.append(f"| 1 | {threads} | {p50:.3f} | {p99:.3f} | {1e3 / p50:,.0f} | |")
     lines.append(f"| {B} | 2 | | | {qps:,.0f} | {100 * frac:.0f}% (W_C {f_wc * n / t_wc / 1e9:.0f}, "
                  f"W_L {f_wl * n / t_wl / 1e9:.1f} of {peak / 1e9:.0f} GFLOP/s) |")
-    write_section("\n".join(lines))
-    print(f"wrote {SECTION!r} in {BENCHMARKS}")
+    write_section(SECTION, "\n".join(lines), args.benchmarks_file)
+    print(f"wrote {SECTION!r} in {args.benchmarks_file}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,109 @@
+"""bench/*.py --quick: each benchmark script runs end to end at tiny sizes and writes its table to the file given by
+--benchmarks-file, recording the command, the machine and the date, and leaves the repository's BENCHMARKS.md alone.
+
+Each script runs as a subprocess, the way `make bench` runs it. The numbers of a quick run mean nothing; only the
+shape of what lands in the file is checked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+EURLEX = ROOT.parent / "shared" / "data" / "eurlex57k"
+
+
+def _snapshot() -> tuple[bytes, int] | None:
+    return (BENCHMARKS.read_bytes(), BENCHMARKS.stat().st_mtime_ns) if BENCHMARKS.exists() else None
+
+
+def run_quick(script: str, out: Path, *extra: str) -> str:
+    """Run `python bench/SCRIPT --quick --benchmarks-file OUT EXTRA...` from the repository root; OUT's text."""
+    args = ["--quick", "--benchmarks-file", str(out), *extra]
+    before = _snapshot()
+    res = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, f"bench/{script} exited {res.returncode}:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
+    assert _snapshot() == before, "the repository's BENCHMARKS.md was modified"
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n")
+    assert f"Command: `python bench/{script} {' '.join(args)}`." in text
+    assert re.search(r"Machine: [^\n]+, \d+ cores, 1-min load average [\d.]+ before the run\.", text)
+    assert re.search(r"Date: \d{4}-\d{2}-\d{2}\.", text)
+    return text
+
+
+def section(text: str, title: str) -> str:
+    """The body of one `## ` section (asserting it is there exactly once)."""
+    assert text.count(f"\n{title}\n") == 1, f"{title!r} not found once in:\n{text}"
+    body = text.split(f"\n{title}\n", 1)[1]
+    return body.split("\n## ", 1)[0]
+
+
+def has_row(body: str, pattern: str) -> bool:
+    return re.search(pattern, body, re.M) is not None
+
+
+SYNTHETIC = [
+    ("search_latency.py", "## In-process search latency", r"^\| 1 \| 2 \| \d+\.\d{3} \| \d+\.\d{3} \| [\d,]+ \| \|$"),
+    ("grpc_load.py", "## gRPC serving", r"^\| gRPC `Search`, one client \| \d+\.\d{3} \| \d+\.\d{3} \| \|$"),
+    ("index_load.py", "## Index size and load time", r"^\| fp16 \| cold \| \d+\.\d{4} \| \d+\.\d{3} \| "),
+]
+
+
+@pytest.mark.parametrize(("script", "title", "row"), SYNTHETIC, ids=[s[0].removesuffix(".py") for s in SYNTHETIC])
+def test_quick_run_writes_its_table_to_the_given_file(tmp_path: Path, script: str, title: str, row: str) -> None:
+    text = run_quick(script, tmp_path / "B.md")
+    assert has_row(section(text, title), row), text
+
+
+def test_write_section_replaces_its_section_and_keeps_the_others(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
+    assert spec is not None and spec.loader is not None
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    write_section = report.write_section
+    out = tmp_path / "B.md"
+    write_section("## A", "first", out)  # a missing file starts as "# Benchmarks"
+    write_section("## B", "kept", out)
+    write_section("## A", "second", out)
+    assert out.read_text() == "# Benchmarks\n\n## A\n\nsecond\n\n## B\n\nkept\n"
+
+
+@pytest.fixture(scope="module")
+def eurlex_quick(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """One quick quality run (ELIAS only, 2,000 EURLEX57K training points): its run directory and its table file."""
+    if not EURLEX.is_dir():
+        pytest.skip(f"real data not found at {EURLEX}")
+    tmp = tmp_path_factory.mktemp("bench-eurlex57k")
+    text = run_quick("quality_eurlex57k.py", tmp / "B.md", "--skip-xrlinear", "--data", str(EURLEX),
+                     "--out", str(tmp / "run"))
+    yield tmp / "run", text
+
+
+@pytest.mark.slow
+def test_quality_quick_run_writes_the_elias_rows(eurlex_quick: tuple[Path, str]) -> None:
+    run_dir, text = eurlex_quick
+    body = section(text, "## Quality on EURLEX57K")
+    for method in ("ELIAS++", "ELIAS"):
+        assert has_row(body, rf"^\| {re.escape(method)} \| \d+\.\d\d \| "), body
+    assert "| XR-Linear" not in body and "Ratios to XR-Linear" not in body  # --skip-xrlinear
+    assert (run_dir / "model" / "model.json").is_file()
+
+
+@pytest.mark.slow
+def test_index_dtype_quality_quick_run_on_the_quality_model(eurlex_quick: tuple[Path, str], tmp_path: Path) -> None:
+    run_dir, _ = eurlex_quick
+    text = run_quick("index_load.py", tmp_path / "B.md", "--quality", str(run_dir / "model"), str(EURLEX))
+    body = section(text, "## Index dtype quality")
+    for dtype in ("fp32", "fp16", "int8"):
+        assert has_row(body, rf"^\| {dtype} \| [\d.]+ \| \d+\.\d\d \| "), body
+    assert "(200 points)" in body  # --quick evaluates the first 200 test points
