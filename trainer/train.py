@@ -249,7 +249,7 @@ class Trainer:
         best = self.out_dir / "model.json"
         if best.exists():  # record the total time in the selected model's metadata
             meta = json.loads(best.read_text())
-            meta["timings"] = {**meta.get("timings", {}), "total_s": self.timings["total_s"]}
+            meta["timings"] = {**meta.get("timings", {}), **self.timings}
             write_json(best, meta)
         return load_model_dir(self.out_dir, self.device)
 
@@ -314,6 +314,7 @@ class Trainer:
                                      t.eval_batch_size)
                 record["dev"] = {k: dev[k] for k in ("P@1", "P@5", "nDCG@5", "R@10", "R@100")}
                 record["eval_s"] = time.perf_counter() - t_eval
+                self.timings["dev_eval_s"] = self.timings.get("dev_eval_s", 0.0) + record["eval_s"]
             self.history.append(record)
             _log(_format_record(record), self.progress)
             metric = record.get("dev", {}).get(t.select_metric, -1.0)
