@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from report import BENCHMARKS, command_line, machine, parse_args, today, write_section  # noqa: E402
+from report import BENCHMARKS, add_index_args, command_line, machine, parse_args, today, write_section  # noqa: E402
 
 SECTION = "## gRPC serving"
 # --quick: a few seconds, for the test suite; the numbers mean nothing.
@@ -35,11 +35,10 @@ QUICK = {"labels": 10_000, "clusters": 128, "kappa": 100, "dim": 32, "shortlist"
 
 
 def build_searcher(args: argparse.Namespace):
-    from search_latency import make_tensors
-
     from elias_retrieval.searcher import Searcher
+    from elias_retrieval.synthetic import synthetic_tensors
 
-    raw = make_tensors(args.labels, args.dim, args.kappa, args.clusters, 0)
+    raw = synthetic_tensors(args.labels, dim=args.dim, kappa=args.kappa, num_clusters=args.clusters, seed=0)
     info = {"index_version": f"synthetic-{args.labels}", "defaults": {"k": args.k, "beam_size": args.beam,
                                                                         "shortlist_size": args.shortlist}}
     return Searcher(raw, None, None, info, device="cpu")
@@ -146,13 +145,7 @@ def closed_loop(address: str, embs: np.ndarray, clients: int, seconds: float) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--role", choices=["bench", "server"], default="bench")
-    ap.add_argument("--labels", type=int, default=1_000_000)
-    ap.add_argument("--clusters", type=int, default=16384)
-    ap.add_argument("--kappa", type=int, default=1000)
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--k", type=int, default=100)
-    ap.add_argument("--beam", type=int, default=20)
-    ap.add_argument("--shortlist", type=int, default=2000)
+    add_index_args(ap)
     ap.add_argument("--threads", type=int, default=2, help="server torch threads")
     ap.add_argument("--batching", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--max-batch", type=int, default=64)

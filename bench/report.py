@@ -53,6 +53,17 @@ def write_section(title: str, body: str, path: Path = BENCHMARKS) -> None:
     write_text(path, text)
 
 
+def add_index_args(ap: argparse.ArgumentParser) -> None:
+    """The synthetic index and search parameters shared by the latency and serving benchmarks."""
+    ap.add_argument("--labels", type=int, default=1_000_000)
+    ap.add_argument("--clusters", type=int, default=16384)
+    ap.add_argument("--kappa", type=int, default=1000)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--beam", type=int, default=20)
+    ap.add_argument("--shortlist", type=int, default=2000)
+
+
 def parse_args(ap: argparse.ArgumentParser, quick: dict[str, Any], argv: list[str] | None = None) -> argparse.Namespace:
     """Parse `ap`; with --quick, the sizes in `quick` replace the defaults (flags given explicitly still win)."""
     args = ap.parse_args(argv)

@@ -22,36 +22,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import BENCHMARKS, command_line, machine, parse_args, today, write_section  # noqa: E402
+from report import BENCHMARKS, add_index_args, command_line, machine, parse_args, today, write_section  # noqa: E402
 
-from elias_retrieval.search import SearchTensors, cluster_scores, label_logits, shortlist  # noqa: E402
+from elias_retrieval.search import cluster_scores, label_logits, shortlist  # noqa: E402
 from elias_retrieval.searcher import Searcher  # noqa: E402
+from elias_retrieval.synthetic import synthetic_tensors  # noqa: E402
 
 SECTION = "## In-process search latency"
 # --quick: a few seconds, for the test suite; the numbers mean nothing.
 QUICK = {"labels": 10_000, "clusters": 128, "kappa": 100, "dim": 32, "shortlist": 500, "queries": 100, "batch": 32,
          "batches": 2}
-
-
-def make_tensors(num_labels: int, dim: int, kappa: int, num_clusters: int | None, seed: int) -> SearchTensors:
-    """The shared synthetic index (elias_retrieval.synthetic) when present, else an equivalent random one."""
-    try:
-        from elias_retrieval.synthetic import synthetic_tensors
-
-        return synthetic_tensors(num_labels, dim=dim, kappa=kappa, num_clusters=num_clusters, seed=seed)
-    except ImportError:
-        pass
-    C = num_clusters or 2 ** int(np.ceil(np.log2(num_labels / 100)))
-    g = torch.Generator().manual_seed(seed)
-    A_ids = torch.randint(0, num_labels, (C, kappa), generator=g, dtype=torch.int64)
-    per = -(-num_labels // C)  # every label gets at least one edge
-    cover = torch.cat([torch.randperm(num_labels, generator=g), torch.randint(0, num_labels, (per * C - num_labels,))])
-    A_ids[:, :per] = cover.view(C, per)
-    return SearchTensors(
-        W_C=torch.randn(C, dim, generator=g) * dim**-0.5 * 4, b_C=torch.zeros(C), A_ids=A_ids,
-        A_weights=torch.rand(C, kappa, generator=g), W_L=(torch.randn(num_labels, dim, generator=g) * dim**-0.5).half(),
-        b_L=torch.zeros(num_labels), alpha=10.0,
-    )
 
 
 def percentiles(ts: list[float]) -> tuple[float, float]:
@@ -72,13 +52,7 @@ def gemm_peak(dim: int, C: int, batch: int = 256, reps: int = 10) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--labels", type=int, default=1_000_000)
-    ap.add_argument("--clusters", type=int, default=16384)
-    ap.add_argument("--kappa", type=int, default=1000)
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--k", type=int, default=100)
-    ap.add_argument("--beam", type=int, default=20)
-    ap.add_argument("--shortlist", type=int, default=2000)
+    add_index_args(ap)
     ap.add_argument("--queries", type=int, default=2000, help="batch-1 queries timed per thread count")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--batches", type=int, default=8)
@@ -89,7 +63,7 @@ def main() -> None:
     machine_desc = machine()  # before the run: the load average says whether the machine was quiet
 
     t0 = time.perf_counter()
-    raw = make_tensors(args.labels, args.dim, args.kappa, args.clusters, 0)
+    raw = synthetic_tensors(args.labels, dim=args.dim, kappa=args.kappa, num_clusters=args.clusters, seed=0)
     s = Searcher(raw, None, None, {"defaults": {"k": args.k, "beam_size": args.beam,
                                                 "shortlist_size": args.shortlist}}, device="cpu")
     t = s.tensors

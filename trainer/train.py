@@ -294,7 +294,7 @@ class Trainer:
                         o.step()
                     for s in scheds.values():
                         s.step()
-                    tot_loss += float(loss) * len(rows)
+                    tot_loss += float(loss.detach()) * len(rows)
                     tot_recall += stats["recall"] * len(rows)
                     seen += len(rows)
                     bar.update(task, advance=len(rows), loss=tot_loss / seen,

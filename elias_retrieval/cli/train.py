@@ -78,9 +78,7 @@ def eval_(
         if v is not None and v < 1:
             fail(f"{name} must be at least 1, got {v}")
     source = load_for_eval(model_dir)
-    data = read_split(dataset_dir, split, source.data_cfg, vocab=source.vocab)
-    if max_points and len(data) > max_points:
-        data = data.subset(np.arange(max_points))
+    data = read_split(dataset_dir, split, source.data_cfg, vocab=source.vocab, max_rows=max_points)
     beam = beam_size or min(source.beam_size, source.tensors.num_clusters)
     if beam > source.tensors.num_clusters:
         fail(f"--beam-size {beam} is larger than the number of clusters ({source.tensors.num_clusters})")
