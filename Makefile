@@ -32,13 +32,17 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 # Full-size benchmarks, one after another (each rewrites its own section of BENCHMARKS.md); run them on a quiet
-# machine. The index dtype quality run evaluates the model the EURLEX57K quality run trains.
+# machine. The dtype, quality-vs-latency and gRPC quality runs use the model the EURLEX57K quality run trains.
 bench: setup
 	$(PY) bench/quality_eurlex57k.py --data $(DATA)/eurlex57k --out $(RUN_DIR)/bench-eurlex57k
 	$(PY) bench/index_load.py --quality $(RUN_DIR)/bench-eurlex57k/model $(DATA)/eurlex57k
+	$(PY) bench/recall_latency.py --model $(RUN_DIR)/bench-eurlex57k/model --data $(DATA)/eurlex57k
+	$(VENV)/bin/elias build-index $(RUN_DIR)/bench-eurlex57k/model $(RUN_DIR)/bench-eurlex57k-index --quiet
+	$(PY) bench/grpc_load.py --quality $(RUN_DIR)/bench-eurlex57k-index $(DATA)/eurlex57k
 	$(PY) bench/index_load.py
 	$(PY) bench/search_latency.py
 	$(PY) bench/grpc_load.py
+	$(PY) bench/scale.py
 
 proto: setup
 	$(PY) -m elias_retrieval.proto_gen

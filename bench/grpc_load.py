@@ -3,20 +3,28 @@
     .venv/bin/python bench/grpc_load.py                  # synthetic 1M-label index (as bench/search_latency.py)
     .venv/bin/python bench/grpc_load.py --labels 100000 --no-write
     .venv/bin/python bench/grpc_load.py --quick --benchmarks-file /tmp/B.md   # tiny smoke run (the tests)
+    .venv/bin/python bench/grpc_load.py --quality INDEX_DIR ../shared/data/eurlex57k    # "EURLEX57K over gRPC"
 
 The server runs in a child process (`--role server`) on an ephemeral loopback port; the client process
 sends embedding queries. One client: p50/p99 latency of sequential Search calls against in-process
 `Searcher.search_embeddings` on the same index. Many clients: a closed loop of N outstanding calls
 (asynchronous futures on one channel) for a fixed time, against a server with and without dynamic batching.
+
+--quality serves a built index with a real `elias serve` child instead, sends the dataset's test texts in
+SearchBatch calls and checks that R@100 (and each query's top-k ids) over gRPC equal `Searcher.search_texts` in
+this process on the same index, batches and thread count.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import re
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import grpc
@@ -29,6 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from report import BENCHMARKS, add_index_args, command_line, machine, parse_args, today, write_section  # noqa: E402
 
 SECTION = "## gRPC serving"
+QUALITY_SECTION = "## EURLEX57K over gRPC"
 # --quick: a few seconds, for the test suite; the numbers mean nothing.
 QUICK = {"labels": 10_000, "clusters": 128, "kappa": 100, "dim": 32, "shortlist": 500, "queries": 100, "clients": 4,
          "seconds": 1.0}
@@ -59,6 +68,18 @@ def run_server(args: argparse.Namespace) -> None:
     server.stop(1)
 
 
+def await_port(proc: subprocess.Popen, lines: Iterable[str], pattern: str) -> str:
+    """Read a server child's output until a line matches `pattern` (group 1: the port); its loopback address."""
+    for line in lines:
+        if m := re.search(pattern, line):
+            return f"127.0.0.1:{m.group(1)}"
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"server did not start (exit {proc.returncode})")
+
+
 def spawn_server(args: argparse.Namespace, batching: bool) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, __file__, "--role", "server", "--labels", str(args.labels), "--clusters",
            str(args.clusters), "--kappa", str(args.kappa), "--dim", str(args.dim), "--k", str(args.k),
@@ -66,15 +87,55 @@ def spawn_server(args: argparse.Namespace, batching: bool) -> tuple[subprocess.P
            "--max-batch", str(args.max_batch), "--max-wait-us", str(args.max_wait_us),
            "--batching" if batching else "--no-batching"]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()  # type: ignore[union-attr]
-    if not line.startswith("PORT"):
-        proc.kill()
-        raise RuntimeError(f"server did not start: {line!r}")
-    return proc, f"127.0.0.1:{line.split()[1]}"
+    return proc, await_port(proc, [proc.stdout.readline()], r"^PORT (\d+)")  # type: ignore[union-attr]
+
+
+def spawn_elias_serve(index_dir: Path, threads: int, max_message_mb: int,
+                      load_timeout_s: float = 300.0) -> tuple[subprocess.Popen, str]:
+    """A real `elias serve INDEX_DIR` child on an ephemeral loopback port, once its health check says SERVING.
+
+    Its stderr (the log) is drained by a thread, so the child never blocks on it; failures quote its tail.
+    """
+    from elias_retrieval.client import SearchClient
+
+    cmd = [sys.executable, "-m", "elias_retrieval", "serve", str(index_dir.resolve()), "--host", "127.0.0.1",
+           "--port", "0", "--device", "cpu", "--threads", str(threads), "--max-message-mb", str(max_message_mb)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
+
+    def drain() -> None:
+        for line in proc.stderr:  # type: ignore[union-attr]
+            log.append(line)
+
+    def lines() -> Iterable[str]:
+        while line := proc.stderr.readline():  # type: ignore[union-attr]
+            log.append(line)
+            yield line
+
+    try:
+        address = await_port(proc, lines(), r"listening on 127\.0\.0\.1:(\d+)")
+    except RuntimeError as e:
+        raise RuntimeError(f"elias serve {index_dir}: {e}:\n{''.join(log[-20:])}") from None
+    threading.Thread(target=drain, daemon=True).start()
+    deadline = time.monotonic() + load_timeout_s
+    with SearchClient(address, timeout=5) as client:
+        client.wait_ready(load_timeout_s)
+        while client.health() != "SERVING":  # NOT_SERVING while the index loads
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise RuntimeError(f"elias serve {index_dir} not serving after {load_timeout_s:.0f} s "
+                                   f"(exit {proc.returncode}):\n{''.join(log[-20:])}")
+            time.sleep(0.1)
+    return proc, address
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    proc.stdin.close()  # type: ignore[union-attr]
+    """Stop a server child: `--role server` exits when its stdin closes, `elias serve` on SIGTERM (graceful)."""
+    if proc.stdin is not None:
+        proc.stdin.close()
+    else:
+        proc.terminate()
     proc.wait(30)
 
 
@@ -142,6 +203,112 @@ def closed_loop(address: str, embs: np.ndarray, clients: int, seconds: float) ->
     return state["n"] / elapsed, float(np.percentile(np.asarray(lat) * 1e3, 50))
 
 
+def quality(args: argparse.Namespace, machine_desc: str) -> None:
+    """--quality: R@100, P@1, P@5 of the test split's texts over gRPC (`elias serve`) and in-process, compared."""
+    import torch
+
+    from elias_retrieval.client import SearchClient
+    from elias_retrieval.config import EliasConfig
+    from elias_retrieval.data import DataFormatError, read_split
+    from elias_retrieval.index_format import IndexFormatError, read_index
+    from elias_retrieval.metrics import evaluate
+    from elias_retrieval.searcher import DEFAULT_MAX_BATCH_QUERIES, Query, Searcher
+
+    index_dir, data_dir = args.quality
+    try:
+        index = read_index(index_dir)
+        vocab, L = index.labels, index.tensors.num_labels
+        data_cfg = EliasConfig.from_dict(index.manifest.get("config", {})).data
+        data = read_split(data_dir, "test", data_cfg, vocab=vocab, max_rows=args.max_points)
+    except (IndexFormatError, DataFormatError, OSError) as e:
+        raise SystemExit(str(e)) from None
+    counts = (index.train_label_counts.numpy() if index.train_label_counts is not None
+              else np.zeros(L, dtype=np.int64))  # as `elias eval` does: PSP needs them, R and P do not
+    num_train = int(index.manifest.get("num_train", 1))
+    if data.texts is None:
+        raise SystemExit(f"{data_dir}: the test split has no texts (--quality sends text queries)")
+    texts, n, k, bs = data.texts, len(data), args.k, args.batch
+    if not 1 <= bs <= DEFAULT_MAX_BATCH_QUERIES:
+        raise SystemExit(f"--batch must be between 1 and {DEFAULT_MAX_BATCH_QUERIES} (SearchBatch's limit), got {bs}")
+    batches = [texts[i:i + bs] for i in range(0, n, bs)]
+    has_ranker = index.manifest.get("reranker") is not None
+    del index
+
+    torch.set_num_threads(args.threads)
+    searcher = Searcher.open(index_dir, device="cpu")
+    local_ids = np.full((n, k), -1, dtype=np.int64)
+    local_methods: list[str] = []
+    t0 = time.perf_counter()
+    for i, batch in enumerate(batches):
+        res = searcher.search_texts(batch, k=k)
+        local_ids[i * bs:i * bs + len(batch), :res.ids.shape[1]] = res.ids
+        local_methods += res.methods or []
+    local_s = time.perf_counter() - t0
+    del searcher
+    gc.collect()
+    print(f"in-process: {n:,} queries in {local_s:.1f} s", flush=True)
+
+    to_dense = vocab.index()
+    remote_ids = np.full((n, k), -1, dtype=np.int64)
+    remote_methods: list[str] = []
+    t_start = time.perf_counter()
+    proc, address = spawn_elias_serve(index_dir, args.threads, args.max_message_mb)
+    start_s = time.perf_counter() - t_start
+    try:
+        with SearchClient(address, timeout=600, max_message_bytes=args.max_message_mb << 20) as client:
+            t0 = time.perf_counter()
+            for i, batch in enumerate(batches):
+                res = client.search_batch([Query(text=t) for t in batch], k=k)
+                for j, row in enumerate(res.label_ids):  # the dataset's label ids, back to dense ids
+                    remote_ids[i * bs + j, :len(row)] = [to_dense[x] for x in row]
+                remote_methods += res.methods or []
+            remote_s = time.perf_counter() - t0
+    finally:
+        stop_server(proc)
+    print(f"gRPC: {n:,} queries in {remote_s:.1f} s (server up in {start_s:.1f} s)", flush=True)
+
+    local = evaluate(local_ids, data.labels, counts, num_train)
+    remote = evaluate(remote_ids, data.labels, counts, num_train)
+    differ = int((local_ids != remote_ids).any(axis=1).sum())
+    diff = remote["R@100"] - local["R@100"]
+    methods = sorted(set(local_methods) | set(remote_methods))
+    same_methods = local_methods == remote_methods
+    print(f"R@100 in-process {local['R@100']:.4f}, gRPC {remote['R@100']:.4f} ({diff:+.4f}); "
+          f"{differ} of {n} top-{k} lists differ; method {'/'.join(methods)}", flush=True)
+
+    method = ("ELIAS++ (the index's re-ranker re-orders ELIAS's top 100, the default for text queries)" if has_ranker
+              else "plain ELIAS (the index has no ELIAS++ re-ranker)")
+    rows = [("in-process `Searcher.search_texts`", local, local_s),
+            ("gRPC `SearchBatch` to `elias serve`", remote, remote_s)]
+    shown = [str(x.resolve().relative_to(ROOT)) if x.resolve().is_relative_to(ROOT) else str(x)
+             for x in (index_dir, data_dir)]
+    lines = [
+        f"Index `{shown[0]}` (L = {L:,}), test split of `{shown[1]}`: {n:,} queries "
+        f"({int(local['num_points_without_labels']):,} without labels, left out of R@100). Machine: {machine_desc}. "
+        f"Date: {today()}. Command: `{command_line()}`.", "",
+        f"Both paths search the raw texts with k = {k} and the index's default beam and shortlist, in batches of {bs}, "
+        f"on the CPU with {args.threads} torch thread(s), and use the same default ranking: {method}; rows answered "
+        f"by {'/'.join(methods)}{'' if same_methods else ' (the two paths disagree on which method answered!)'}. "
+        f"gRPC: a real `elias serve` child on an ephemeral loopback port (up and SERVING in {start_s:.1f} s, not "
+        f"timed below), `elias_retrieval.client.SearchClient`, messages up to {args.max_message_mb} MiB; returned "
+        "label ids mapped back to dense ids through the index's label vocabulary. Metrics: "
+        "`elias_retrieval.metrics.evaluate` on the top 100. Wall time: all batches, encoding included (gRPC: "
+        "serialisation and loopback transport too).", "",
+        "| path | R@100 | P@1 | P@5 | wall time (s) | ms/query |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        *(f"| {name} | {m['R@100']:.4f} | {m['P@1']:.2f} | {m['P@5']:.2f} | {sec:.2f} | {1e3 * sec / max(1, n):.2f} |"
+          for name, m, sec in rows), "",
+        f"R@100 difference (gRPC - in-process): {diff:+.4f} points. Queries whose top-{k} id lists differ: "
+        f"{differ} of {n:,}.",
+    ]
+    text = "\n".join(lines)
+    if args.no_write:
+        print(text)
+        return
+    write_section(QUALITY_SECTION, text, args.benchmarks_file)
+    print(f"wrote {QUALITY_SECTION!r} in {args.benchmarks_file}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--role", choices=["bench", "server"], default="bench")
@@ -154,11 +321,19 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--quick", action="store_true", help=f"tiny sizes, a few seconds ({QUICK})")
+    ap.add_argument("--quality", nargs=2, type=Path, metavar=("INDEX_DIR", "DATASET_DIR"), default=None,
+                    help=f"instead: the test split's R@100 over gRPC vs in-process ({QUALITY_SECTION!r})")
+    ap.add_argument("--max-points", type=int, default=0, help="--quality: the first N test points (0 = all)")
+    ap.add_argument("--batch", type=int, default=64, help="--quality: texts per SearchBatch call / in-process batch")
+    ap.add_argument("--max-message-mb", type=int, default=64, help="--quality: largest gRPC message (MiB)")
     ap.add_argument("--benchmarks-file", type=Path, default=BENCHMARKS, help="where the table goes")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parse_args(ap, QUICK)
     if args.role == "server":
         run_server(args)
+        return
+    if args.quality is not None:
+        quality(args, machine())
         return
 
     import torch

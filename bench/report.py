@@ -1,5 +1,5 @@
-"""Shared pieces of the benchmark scripts: the machine line, the command, --quick sizes and replacing one section
-of BENCHMARKS.md."""
+"""Shared pieces of the benchmark scripts: the machine line and its measured ceiling, the command, --quick sizes and
+replacing one section of BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import re
 import shlex
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,54 @@ def machine() -> str:
     except (OSError, AttributeError):
         model = platform.processor() or "unknown CPU"
     return f"{model}, {os.cpu_count()} cores, 1-min load average {os.getloadavg()[0]:.2f} before the run"
+
+
+def _best_time(fn: Callable[[], object], reps: int) -> float:
+    fn()  # first call: page faults, thread pool start-up
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def machine_ceiling(gemm_n: int = 2048, copy_mib: int = 256, reps: int = 3) -> dict[str, float]:
+    """This machine's measured fp32 GEMM FLOP/s and memory bandwidth, with all cores and with 1 thread.
+
+    GEMM: best of `reps` (n, n) @ (n, n) torch matmuls, 2 n^3 FLOPs each. Bandwidth: best of `reps` torch
+    copies of a `copy_mib` MiB float32 buffer, counting the bytes read plus the bytes written. A few seconds
+    at the defaults; torch's thread count is restored afterwards. Keys: gemm_flops, gemm_flops_1t (FLOP/s),
+    bandwidth, bandwidth_1t (bytes/s), threads, and the sizes gemm_n, copy_mib.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    threads = os.cpu_count() or before
+    a, b = torch.randn(gemm_n, gemm_n), torch.randn(gemm_n, gemm_n)
+    out = torch.empty(gemm_n, gemm_n)
+    src = torch.ones(copy_mib << 18)
+    dst = torch.zeros_like(src)  # both written once, so no page is first touched inside the timed copies
+    res: dict[str, float] = {"threads": float(threads), "gemm_n": float(gemm_n), "copy_mib": float(copy_mib)}
+    try:
+        with torch.inference_mode():
+            for n_threads, suffix in ((threads, ""), (1, "_1t")):
+                torch.set_num_threads(n_threads)
+                res["gemm_flops" + suffix] = 2 * gemm_n**3 / _best_time(lambda: torch.mm(a, b, out=out), reps)
+                res["bandwidth" + suffix] = 2 * src.numel() * 4 / _best_time(lambda: dst.copy_(src), reps)
+    finally:
+        torch.set_num_threads(before)
+    return res
+
+
+def ceiling_line(c: dict[str, float]) -> str:
+    """One sentence giving `machine_ceiling()`'s numbers, for the benchmark sections."""
+    t = int(c["threads"])
+    n, mib = int(c.get("gemm_n", 2048)), int(c.get("copy_mib", 256))
+    return (f"Machine ceiling (measured at the start of the run): fp32 GEMM {c['gemm_flops'] / 1e9:,.0f} GFLOP/s "
+            f"with {t} threads, {c['gemm_flops_1t'] / 1e9:,.0f} with 1 (best {n}x{n} matmul); memory bandwidth "
+            f"{c['bandwidth'] / 1e9:.1f} GB/s with {t} threads, {c['bandwidth_1t'] / 1e9:.1f} with 1 (bytes read + "
+            f"written by the best {mib} MiB float32 copy).")
 
 
 def command_line() -> str:

@@ -2,11 +2,13 @@
 
     .venv/bin/python bench/xrlinear.py --dataset bibtex          # tf-idf over the given BoW features, beam 10
     .venv/bin/python bench/xrlinear.py --dataset delicious --threads 2
+    .venv/bin/python bench/xrlinear.py --dataset bibtex --beams 1,2,5,10,20   # one training, five beam sizes
 
 `ensure_venv` creates `.bench-venv/` at the repo root on first use (`python -m venv`, then pinned pip installs;
 about 25 s, 330 MB). libpecos is installed with `--no-deps`: its declared torch/transformers/datasets/peft
 dependencies serve only XR-Transformer and would add about 6 GB; XR-Linear needs numpy, scipy and scikit-learn.
-`run_xrlinear` writes the inputs to a work directory and runs bench/xrlinear_worker.py there in a subprocess.
+`run_xrlinear` writes the inputs to a work directory and runs bench/xrlinear_worker.py there in a subprocess;
+`run_xrlinear_beams` does the same but predicts at several beam sizes from one training.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,7 +113,7 @@ class XRLinearResult:
     train_s: float  # PIFA label features + hierarchical k-means + model training
     predict_ms_per_query: float  # test split, beam search, in-process
     peak_rss_mb: float  # the worker process
-    wall_s: float  # the whole subprocess, including loading and writing
+    wall_s: float  # the whole subprocess, including loading and writing (and every beam size of its run)
     params: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -138,18 +141,43 @@ def run_xrlinear(
     workdir: Path | None = None,
 ) -> XRLinearResult:
     """Train XR-Linear on (X_train, Y_train) in the bench venv and return top-k predictions for X_test (and X_dev)."""
+    return run_xrlinear_beams(X_train, Y_train, X_test, beams=(beam,), topk=topk, threads=threads,
+                              nr_splits=nr_splits, max_leaf_size=max_leaf_size, X_dev=X_dev, workdir=workdir)[0]
+
+
+def run_xrlinear_beams(
+    X_train: sp.spmatrix,
+    Y_train: sp.spmatrix,
+    X_test: sp.spmatrix,
+    *,
+    beams: Sequence[int] = (10,),
+    topk: int = 100,
+    threads: int = 1,
+    nr_splits: int = 16,
+    max_leaf_size: int = 100,
+    X_dev: sp.spmatrix | None = None,
+    workdir: Path | None = None,
+) -> list[XRLinearResult]:
+    """Train XR-Linear once and predict at each beam size; one result per distinct beam, in the given order.
+
+    The training costs (`train_s`, `peak_rss_mb`, `wall_s`) are shared by all results; the predictions,
+    `predict_ms_per_query`, `params["beam"]` and the predict timings are each beam's own.
+    """
+    beams = list(dict.fromkeys(int(b) for b in beams))
+    if not beams or min(beams) < 1:
+        raise ValueError(f"beam sizes must be at least 1, got {beams}")
     py = ensure_venv()
     with tempfile.TemporaryDirectory(prefix="xrlinear-") as tmp:
         wd = Path(workdir) if workdir is not None else Path(tmp)
         wd.mkdir(parents=True, exist_ok=True)
-        for name in ("pred.npz", "pred_dev.npz", "timings.json", "X_dev.npz"):
-            (wd / name).unlink(missing_ok=True)
+        for old in (*wd.glob("pred*.npz"), wd / "timings.json", wd / "X_dev.npz"):
+            old.unlink(missing_ok=True)
         sp.save_npz(wd / "X_train.npz", _csr32(X_train))
         sp.save_npz(wd / "Y_train.npz", _csr32(Y_train))
         sp.save_npz(wd / "X_test.npz", _csr32(X_test))
         if X_dev is not None:
             sp.save_npz(wd / "X_dev.npz", _csr32(X_dev))
-        cmd = [str(py), str(WORKER), "--workdir", str(wd), "--beam", str(beam), "--topk", str(topk)]
+        cmd = [str(py), str(WORKER), "--workdir", str(wd), "--beams", ",".join(map(str, beams)), "--topk", str(topk)]
         cmd += ["--nr-splits", str(nr_splits), "--max-leaf-size", str(max_leaf_size), "--threads", str(threads)]
         n = str(threads) if threads > 0 else str(os.cpu_count() or 1)
         env = dict(os.environ, OMP_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n, MKL_NUM_THREADS=n)
@@ -159,24 +187,30 @@ def run_xrlinear(
         wall_s = time.perf_counter() - t0
         if res.returncode != 0:
             raise RuntimeError(f"xrlinear worker failed (exit {res.returncode}):\n{res.stderr.strip()[-4000:]}")
-        test_ids, test_scores = _load_pred(wd / "pred.npz")
-        dev_ids = dev_scores = None
-        if X_dev is not None:
-            dev_ids, dev_scores = _load_pred(wd / "pred_dev.npz")
         timings = json.loads((wd / "timings.json").read_text())
+        preds = {b: (_load_pred(wd / f"pred_beam{b}.npz"),
+                     _load_pred(wd / f"pred_dev_beam{b}.npz") if X_dev is not None else (None, None))
+                 for b in beams}
     params = timings.pop("params")
-    return XRLinearResult(
-        test_ids=test_ids,
-        test_scores=test_scores,
-        dev_ids=dev_ids,
-        dev_scores=dev_scores,
-        train_s=float(timings["train_s"]),
-        predict_ms_per_query=float(timings["predict_ms_per_query"]),
-        peak_rss_mb=float(timings["peak_rss_mb"]),
-        wall_s=wall_s,
-        params=params,
-        timings={k: float(v) for k, v in timings.items()},
-    )
+    per_beam = timings.pop("beams")
+    shared = {k: float(v) for k, v in timings.items()}
+    out = []
+    for b in beams:
+        (test_ids, test_scores), (dev_ids, dev_scores) = preds[b]
+        own = {k: float(v) for k, v in per_beam[str(b)].items()}
+        out.append(XRLinearResult(
+            test_ids=test_ids,
+            test_scores=test_scores,
+            dev_ids=dev_ids,
+            dev_scores=dev_scores,
+            train_s=shared["train_s"],
+            predict_ms_per_query=own["predict_ms_per_query"],
+            peak_rss_mb=shared["peak_rss_mb"],
+            wall_s=wall_s,
+            params={**params, "beam": b},
+            timings={**shared, **own},
+        ))
+    return out
 
 
 # --- a minimal reader for the Extreme Classification Repository's BoW format (until the project's reader lands) ---
@@ -233,19 +267,26 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="XR-Linear on an XC BoW dataset (tf-idf over the given features).")
     ap.add_argument("--dataset", default="bibtex", help="a directory under ../shared/data/xc/")
     ap.add_argument("--beam", type=int, default=10)
+    ap.add_argument("--beams", default="", help="comma-separated beam sizes from one training (overrides --beam)")
     ap.add_argument("--topk", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    beams = [int(b) for b in args.beams.split(",") if b.strip()] or [args.beam]
 
     d = DATA_XC / args.dataset
     X_tr, Y_tr = read_xc_bow(d / "train.txt.gz")
     X_te, Y_te = read_xc_bow(d / "test.txt.gz")
     X_tr, X_te = tfidf(X_tr, X_te)
-    r = run_xrlinear(X_tr, Y_tr, X_te, beam=args.beam, topk=args.topk, threads=args.threads)
-    metrics = precision_recall(r.test_ids, Y_te)
-    print(json.dumps({"dataset": args.dataset, **{k: round(v, 2) for k, v in metrics.items()}}))
+    results = run_xrlinear_beams(X_tr, Y_tr, X_te, beams=beams, topk=args.topk, threads=args.threads)
+    several = len(results) > 1
+    for r in results:
+        metrics = {k: round(v, 2) for k, v in precision_recall(r.test_ids, Y_te).items()}
+        per_beam = {"beam": r.params["beam"], "predict_ms_per_query": round(r.predict_ms_per_query, 4)}
+        print(json.dumps({"dataset": args.dataset, **(per_beam if several else {}), **metrics}))
+    r = results[0]
+    predict = f"{len(results)} beam sizes" if several else f"predict {r.predict_ms_per_query:.3f} ms/query"
     print(
-        f"train {r.train_s:.2f} s, predict {r.predict_ms_per_query:.3f} ms/query, peak RSS {r.peak_rss_mb:.0f} MB, "
+        f"train {r.train_s:.2f} s, {predict}, peak RSS {r.peak_rss_mb:.0f} MB, "
         f"worker wall {r.wall_s:.1f} s, pecos {r.params['pecos_version']}, chain {r.params['cluster_chain_sizes']}"
     )
 

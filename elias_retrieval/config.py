@@ -86,6 +86,10 @@ class TrainConfig:
     select_metric: str = "P@5"  # stage-2 model selection on dev
     max_train_points: int = 0  # 0 = all
     max_eval_points: int = 0  # 0 = all dev points
+    # Without a dev split, hold out this fraction of train (at most holdout_max points) as the dev split for
+    # model selection and the ELIAS++ fusion weight; 0 = no holdout (the last epoch and fusion weight 0.5).
+    holdout_fraction: float = 0.1
+    holdout_max: int = 5000
     reranker: bool = True  # ELIAS++: train the sparse tf-idf re-ranker after stage 2
     reranker_c: float = 1.0
     reranker_threshold: float = 0.1  # prune ranker weights below this magnitude

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -12,6 +14,9 @@ from elias_retrieval.features import TfidfFeaturizer
 from elias_retrieval.metrics import evaluate
 from elias_retrieval.reranker import SparseRanker
 from elias_retrieval.search import SearchTensors, search
+
+if TYPE_CHECKING:
+    from elias_retrieval.baseline import AnnBaseline
 
 
 def predict(
@@ -48,6 +53,37 @@ def predict(
     return ids, scores
 
 
+def predict_baseline(
+    encoder: Encoder,
+    ann: AnnBaseline,
+    data: Dataset,
+    k: int = 100,
+    ef_search: int | None = None,
+    nprobe: int | None = None,
+    batch_size: int = 512,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`predict` with an ANNS baseline instead of ELIAS: the top-k of w_l . phi + b_l from `ann` (-1 padded)."""
+    encoder.eval()
+    inputs = encoder.prepare(data)
+    device = next(encoder.parameters()).device
+    n = len(inputs)
+    ids = np.full((n, k), -1, dtype=np.int64)
+    scores = np.full((n, k), -np.inf, dtype=np.float32)
+    with (
+        Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                 disable=not progress, transient=True) as bar,
+        torch.inference_mode(),
+    ):
+        task = bar.add_task(f"searching ({ann.method})", total=n)
+        for start in range(0, n, batch_size):
+            rows = np.arange(start, min(start + batch_size, n))
+            emb = encoder(inputs.batch(rows, device)).float()
+            ids[rows], scores[rows] = ann.search(emb, k, ef_search=ef_search, nprobe=nprobe)
+            bar.advance(task, len(rows))
+    return ids, scores
+
+
 def evaluate_split(
     encoder: Encoder,
     tensors: SearchTensors,
@@ -68,3 +104,20 @@ def evaluate_split(
             raise ValueError("re-ranking needs the tf-idf featurizer")
         ids, _ = ranker.rerank(featurizer.transform(data), ids, scores)
     return evaluate(ids, data.labels, train_label_counts, num_train)
+
+
+def evaluate_baseline_split(
+    encoder: Encoder,
+    ann: AnnBaseline,
+    data: Dataset,
+    train_label_counts: np.ndarray,
+    num_train: int,
+    ef_search: int | None = None,
+    nprobe: int | None = None,
+    batch_size: int = 512,
+    progress: bool = False,
+) -> tuple[dict[str, float], dict[str, int]]:
+    """`evaluate_split` for an ANNS baseline: its metrics, and the index settings used (ann.settings)."""
+    settings = ann.settings(ef_search, nprobe)
+    ids, _ = predict_baseline(encoder, ann, data, 100, ef_search, nprobe, batch_size, progress)
+    return evaluate(ids, data.labels, train_label_counts, num_train), settings

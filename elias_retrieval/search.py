@@ -11,6 +11,7 @@ The same functions serve training (with teacher forcing and gradients), offline 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,10 @@ from torch import Tensor
 
 # Past this many candidates per query, dense label scoring beats gathering W_L rows (see label_logits).
 _DENSE_LABELS_FACTOR = 4
+# best_paths dedupes through a dense (B, L) buffer when L is at most this many times the candidates per query,
+# with at most this many buffer elements at a time.
+_DENSE_DEDUPE_FACTOR = 2
+_DENSE_DEDUPE_ELEMENTS = 1 << 23
 
 
 @dataclass
@@ -90,33 +95,124 @@ def expand(clusters: Tensor, s: Tensor, A_ids: Tensor, A_weights: Tensor) -> tup
 def best_paths(cand_ids: Tensor, cand_path: Tensor, k: int, pad_id: int) -> tuple[Tensor, Tensor]:
     """Step 4: positions (B, k) into the candidates of the top-k distinct labels by best path.
 
-    A label reached through several clusters keeps its best path. Returns (positions, valid); `valid`
-    is False where fewer than k distinct labels were reachable.
-
-    Exact, and cheap when b*kappa >> k: take the top m >= k candidates by path, dedupe only those, and
-    widen m only for batches where some row has fewer than k distinct labels among its top m (the k best
-    distinct labels of the top m are then the k best overall: every path left out is no better).
+    A label reached through several clusters keeps its best path. Returns (positions, valid), in no particular
+    order; `valid` is False where fewer than k distinct labels were reachable. `pad_id` is L (A's pad slots).
+    Three exact routes: with few labels per candidate, a dense (B, L) max over the candidates; with many (large
+    L), the best candidates of each row through a per-thread (L,) scratch buffer on the CPU, and a sort by
+    (label, path) elsewhere (CUDA sorts fast; CPU sorts of more than a few thousand keys do not).
     """
     B, N = cand_ids.shape
     k = min(k, N)
+    cand_ids = cand_ids.long()  # an index read from disk stores A_ids as int32; scatter and shifts need int64
     score = cand_path.masked_fill(cand_ids == pad_id, -1.0)  # pad slots rank last and are never kept
-    m = min(N, k + max(k // 4, 64))
-    while True:
-        top_score, top_pos = torch.topk(score, m, dim=1)  # best first
-        ids_sorted, by_id = torch.sort(cand_ids.gather(1, top_pos), dim=1, stable=True)
-        first = torch.ones_like(ids_sorted, dtype=torch.bool)
-        first[:, 1:] = ids_sorted[:, 1:] != ids_sorted[:, :-1]  # first of a run of equal ids = its best path
-        keep = torch.zeros_like(first).scatter_(1, by_id, first) & (top_score >= 0)
-        if m == N or bool((keep.sum(1) >= k).all()):
-            break
-        m = min(N, 2 * m)
-    # The kept candidates are already in path order: the first k of each row, compacted to the left.
-    rank = keep.cumsum(1) - 1
-    rows, cols = torch.nonzero(keep & (rank < k), as_tuple=True)
-    pos = torch.zeros(B, k, dtype=top_pos.dtype, device=top_pos.device)
-    valid = torch.zeros(B, k, dtype=torch.bool, device=top_pos.device)
-    pos[rows, rank[rows, cols]] = top_pos[rows, cols]
-    valid[rows, rank[rows, cols]] = True
+    if pad_id + 1 <= _DENSE_DEDUPE_FACTOR * N:
+        return _best_paths_dense(cand_ids, score, min(k, pad_id), pad_id)
+    m = k + max(k // 4, 64)
+    if score.device.type == "cpu":
+        return _best_paths_scratch(cand_ids, score, k, m, pad_id)
+    return _best_paths_sorted(cand_ids, score, k, m)
+
+
+def _best_paths_dense(cand_ids: Tensor, score: Tensor, k: int, L: int) -> tuple[Tensor, Tensor]:
+    """best_paths through a (rows, L + 1) buffer of each label's best path, a few thousand rows at a time."""
+    B, N = cand_ids.shape
+    rows = max(1, _DENSE_DEDUPE_ELEMENTS // (L + 1))
+    if rows < B:
+        parts = [_best_paths_dense(cand_ids[a : a + rows], score[a : a + rows], k, L) for a in range(0, B, rows)]
+        return torch.cat([p for p, _ in parts]), torch.cat([v for _, v in parts])
+    best = score.new_full((B, L + 1), -1.0).scatter_reduce_(1, cand_ids, score, "amax")
+    top, label = torch.topk(best[:, :L], k, dim=1, sorted=False)
+    # The first candidate position that holds each label's best path (ties between clusters: the first).
+    arange = torch.arange(N, dtype=torch.int32, device=score.device)
+    at_best = torch.where(score == best.gather(1, cand_ids), arange, N)
+    first = torch.full((B, L + 1), N, dtype=torch.int32, device=score.device)
+    first.scatter_reduce_(1, cand_ids, at_best, "amin")
+    valid = top >= 0
+    return torch.where(valid, first.gather(1, label), 0).long(), valid
+
+
+class _Scratch(threading.local):
+    """Per-thread (L + 1,) buffers for _best_paths_scratch, kept between calls: each call resets what it wrote."""
+
+    best: Tensor | None = None
+    first: Tensor | None = None
+
+
+_scratch = _Scratch()
+_NO_POSITION = torch.iinfo(torch.int32).max
+
+
+def _scratch_buffers(size: int) -> tuple[Tensor, Tensor]:
+    if _scratch.best is None or _scratch.best.shape[0] < size:
+        with torch.inference_mode(False):  # normal tensors: usable in and out of inference mode
+            _scratch.best = torch.full((size,), -1.0)
+            _scratch.first = torch.full((size,), _NO_POSITION, dtype=torch.int32)
+    assert _scratch.first is not None
+    return _scratch.best, _scratch.first
+
+
+def _best_paths_scratch(cand_ids: Tensor, score: Tensor, k: int, m: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """best_paths on the CPU for large L, one row at a time: the top `m` candidates of the row, each label's
+    best path and first position through the scratch buffers (O(m), no sort), widened until exact."""
+    B, N = cand_ids.shape
+    best, first = _scratch_buffers(pad_id + 1)
+    pos = torch.zeros(B, k, dtype=torch.long)
+    valid = torch.zeros(B, k, dtype=torch.bool)
+    arange = torch.arange(N, dtype=torch.int32)
+    for r in range(B):
+        width = min(max(m, k), N)
+        while True:
+            if width < N:
+                top, top_pos = torch.topk(score[r], width, sorted=False)
+            else:
+                top, top_pos = score[r], arange.long()
+            ids = cand_ids[r].index_select(0, top_pos)
+            best.scatter_reduce_(0, ids, top, "amax")
+            at = arange[:width]
+            first.scatter_reduce_(0, ids, torch.where(top == best.index_select(0, ids), at, _NO_POSITION), "amin")
+            keep = (first.index_select(0, ids) == at) & (top >= 0)
+            best.index_fill_(0, ids, -1.0)
+            first.index_fill_(0, ids, _NO_POSITION)
+            distinct = int(keep.sum())
+            if width == N or distinct >= k:
+                break
+            width = min(N, max(2 * width, -(-width * k * 5 // (4 * max(distinct, 1)))))
+        vals, j = torch.topk(torch.where(keep, top, -1.0), k, sorted=False)
+        pos[r] = top_pos.index_select(0, j)
+        valid[r] = vals >= 0
+    return pos, valid
+
+
+def _best_paths_sorted(cand_ids: Tensor, score: Tensor, k: int, m: int) -> tuple[Tensor, Tensor]:
+    """best_paths among the top `m` candidates of each row, widened (for the rows that need it) until exact.
+
+    The k best distinct labels among a row's top m candidates are its k best overall when there are at least
+    k of them: every candidate left out has no better path. Sort keys are label id, then path descending
+    (the float bits of a non-negative path order like the path), so a label's first key is its best path.
+    """
+    B, N = cand_ids.shape
+    k = min(k, N)
+    m = min(max(m, k), N)
+    if m < N:
+        top, top_pos = torch.topk(score, m, dim=1, sorted=False)
+    else:
+        top, top_pos = score, torch.arange(N, device=score.device).expand(B, N)
+    bits = top.clamp(min=0).view(torch.int32).long() & 0x7FFFFFFF
+    key, order = torch.sort((cand_ids.gather(1, top_pos) << 31) | (0x7FFFFFFF - bits), dim=1)
+    label = key >> 31
+    first = torch.ones_like(label, dtype=torch.bool)
+    first[:, 1:] = label[:, 1:] != label[:, :-1]
+    path = top.gather(1, order)
+    keep = first & (path >= 0)
+    vals, j = torch.topk(torch.where(keep, path, -1.0), k, dim=1, sorted=False)
+    pos, valid = top_pos.gather(1, order.gather(1, j)), vals >= 0
+    distinct = keep.sum(1)
+    short = (distinct < k).nonzero().squeeze(1)
+    if m < N and len(short):
+        # Widen by the distinct fraction seen so far (duplicates are common: a label sits in several rows of A).
+        n = max(int(distinct[short].min()), 1)
+        wider = max(2 * m, -(-m * k * 5 // (4 * n)))
+        pos[short], valid[short] = _best_paths_sorted(cand_ids[short], score[short], k, wider)
     return pos, valid
 
 

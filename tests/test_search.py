@@ -1,6 +1,15 @@
+import pytest
 import torch
 
-from elias_retrieval.search import SearchTensors, best_paths, edge_weights, search
+from elias_retrieval.search import (
+    SearchTensors,
+    _best_paths_dense,
+    _best_paths_scratch,
+    _best_paths_sorted,
+    best_paths,
+    edge_weights,
+    search,
+)
 
 
 def random_tensors(L: int = 300, C: int = 16, kappa: int = 40, d: int = 8, seed: int = 0) -> SearchTensors:
@@ -40,13 +49,54 @@ def test_full_beam_and_shortlist_equal_exhaustive_scoring():
     torch.testing.assert_close(res.scores, res.path * res.label_prob, atol=1e-6, rtol=0)
 
 
-def test_best_paths_keeps_each_label_once_with_its_best_path():
+def best_paths_by(route: str, ids: torch.Tensor, path: torch.Tensor, k: int, L: int) -> tuple[torch.Tensor, ...]:
+    """One of best_paths' three routes, called directly (best_paths picks one by L, N and the device)."""
+    score = path.masked_fill(ids == L, -1.0)
+    k = min(k, ids.shape[1])
+    if route == "dense":
+        return _best_paths_dense(ids, score, min(k, L), L)
+    if route == "scratch":
+        return _best_paths_scratch(ids, score, k, 2, L)
+    return _best_paths_sorted(ids, score, k, 2)
+
+
+ROUTES = ["dense", "scratch", "sorted"]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_best_paths_keeps_each_label_once_with_its_best_path(route):
     ids = torch.tensor([[3, 5, 3, 7, 5, 9]])
     path = torch.tensor([[0.2, 0.9, 0.8, 0.1, 0.3, 0.5]])
-    pos, valid = best_paths(ids, path, k=10, pad_id=9)
-    got = [(int(ids[0, p]), round(float(path[0, p]), 4)) for p, v in zip(pos[0], valid[0], strict=True) if v]
+    pos, valid = best_paths_by(route, ids, path, 10, 9)
+    got = sorted(((int(ids[0, p]), round(float(path[0, p]), 4)) for p, v in zip(pos[0], valid[0], strict=True) if v),
+                 key=lambda x: -x[1])
     assert got == [(5, 0.9), (3, 0.8), (7, 0.1)]  # 9 is the pad id
     assert int(valid.sum()) == 3
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("L", [30, 5000])
+def test_best_paths_matches_a_brute_force_max_per_label_with_ties_and_pads(route, L):
+    g = torch.Generator().manual_seed(L)
+    B, N, k = 7, 200, 25
+    ids = torch.randint(0, L + 1, (B, N), generator=g)  # L = pad
+    ids[3, :150] = torch.arange(10).repeat(15)  # a row crowded by duplicates: must widen
+    ids[5] = L  # a row of pads only
+    path = torch.randint(0, 20, (B, N), generator=g).float() / 20  # many exact ties
+    pos, valid = best_paths_by(route, ids, path, k, L)  # the routes start from 2 candidates and must widen
+    pos32, valid32 = best_paths(ids.int(), path, k, L)  # an index read from disk has int32 A_ids
+    assert valid32.sum() == valid.sum()
+    for r in range(B):
+        best: dict[int, float] = {}
+        for i, p in zip(ids[r].tolist(), path[r].tolist(), strict=True):
+            if i != L:
+                best[i] = max(best.get(i, -1.0), p)
+        want = sorted(best.values(), reverse=True)[:k]
+        got_ids = ids[r, pos[r][valid[r]]].tolist()
+        got = sorted(path[r, pos[r][valid[r]]].tolist(), reverse=True)
+        assert len(set(got_ids)) == len(got_ids) == len(want)
+        assert got == want
+        assert all(best[i] == path[r, p] for i, p in zip(got_ids, pos[r][valid[r]].tolist(), strict=True))
 
 
 def test_unreachable_slots_are_padded_with_minus_one():
@@ -54,3 +104,14 @@ def test_unreachable_slots_are_padded_with_minus_one():
     res = search(torch.randn(2, 8), t, k=30, beam_size=1, shortlist_size=30)
     assert (res.ids[:, 3:] == -1).all()
     assert (res.scores[:, 3:] == 0).all()
+
+
+@pytest.mark.parametrize("L", [300, 20_000])  # dense dedupe, then the large-L route
+def test_int32_graph_ids_as_read_from_disk_give_the_same_results(L):
+    t = random_tensors(L=L, C=16, kappa=40)
+    t32 = SearchTensors(t.W_C, t.b_C, t.A_ids.int(), t.A_weights, t.W_L, t.b_L, t.alpha)
+    emb = torch.randn(5, 8, generator=torch.Generator().manual_seed(2))
+    a, b = search(emb, t, k=50, beam_size=4, shortlist_size=100), search(emb, t32, k=50, beam_size=4,
+                                                                          shortlist_size=100)
+    assert (a.ids >= 0).sum() == 5 * 50
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.scores, b.scores)

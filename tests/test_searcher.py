@@ -100,7 +100,7 @@ def test_best_paths_stays_exact_when_duplicates_crowd_the_first_candidates():
     got = ids[0, pos[0]]
     best = torch.full((510,), -1.0).scatter_reduce(0, ids[0], path[0], reduce="amax")
     assert valid.all() and len(set(got.tolist())) == 100
-    torch.testing.assert_close(path[0, pos[0]], torch.topk(best, 100).values)
+    torch.testing.assert_close(path[0, pos[0]].sort(descending=True).values, torch.topk(best, 100).values)
 
 
 def test_compact_label_weights_give_nearly_the_same_ranking():

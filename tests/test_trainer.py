@@ -193,10 +193,11 @@ def test_every_label_has_an_edge_in_the_trained_graph(e2e_model):
 
 def test_initialised_graph_from_a_real_stage1_model_covers_every_label(bibtex, tmp_path):
     # kappa = the stage-1 cluster size (10 labels, 16 clusters): rows are full, so top-kappa by affinity
-    # alone would drop labels. stage2_epochs=0 keeps the initialised graph and the stage-1 model as they are.
+    # alone would drop labels. stage2_epochs=0 keeps the initialised graph and the stage-1 model as they are
+    # (no holdout: with a dev split the stage-1 model could win the selection).
     out = tmp_path / "model"
     cfg = EliasConfig().with_overrides([*TINY, "model.cluster_size=10", "model.kappa=10", "train.stage2_epochs=0",
-                                        "train.reranker=false"])
+                                        "train.reranker=false", "train.holdout_fraction=0"])
     tm = run_training(bibtex, out, cfg, progress=False)
     L, C = tm.model.num_labels, tm.model.num_clusters
     assert (L, C) == (159, 16)
@@ -226,7 +227,8 @@ def test_initialised_graph_from_a_real_stage1_model_covers_every_label(bibtex, t
 
 def test_zero_stage2_epochs_still_writes_a_loadable_model(bibtex, tmp_path):
     out = tmp_path / "model"
-    cfg = EliasConfig().with_overrides([*TINY, "train.stage2_epochs=0", "train.reranker=false"])
+    cfg = EliasConfig().with_overrides([*TINY, "train.stage2_epochs=0", "train.reranker=false",
+                                        "train.holdout_fraction=0"])
     run_training(bibtex, out, cfg, progress=False)
     tm = load_model_dir(out)
     assert int(tm.model.stage) == 2
@@ -291,8 +293,9 @@ def test_resume_after_an_interruption_ends_with_the_uninterrupted_tensors(bibtex
         with pytest.raises(KeyboardInterrupt):
             run_training(bibtex, out, EliasConfig().with_overrides(TINY), progress=False)
     assert (out / "train_state").is_dir()
-    # Without a dev split each stage-2 epoch writes the model; before stage 2 there is none yet.
-    assert (out / "model.json").exists() == (where == "mid-stage-2")
+    # Bibtex has no dev split, so one is held out from train: the stage-1 model is written when stage 1 ends
+    # (it competes in the selection); before that there is no model yet.
+    assert (out / "model.json").exists() == (where != "mid-stage-1")
 
     _cli_ok("train", bibtex, out, "--resume", "--quiet")
     _assert_same_tensors(reference_run, out)
@@ -320,3 +323,26 @@ def test_training_into_a_directory_with_a_run_is_a_one_line_error(bibtex, refere
     before = {p: p.read_bytes() for p in (reference_run / "config.json", reference_run / "model.safetensors")}
     _one_line_error(_cli("train", bibtex, reference_run, "--quiet", *_sets(TINY)), "already holds a training run")
     assert {p: p.read_bytes() for p in before} == before
+
+
+# ---- holdout dev split --------------------------------------------------------------------------
+
+def test_hold_out_splits_train_into_disjoint_seeded_parts(bibtex):
+    data = read_split(bibtex, "train", EliasConfig().data, max_rows=200)
+    rest, dev = train_module.hold_out(data, 0.1, 5000, seed=3)
+    assert dev is not None and (len(rest), len(dev)) == (180, 20)
+    again_rest, again_dev = train_module.hold_out(data, 0.1, 5000, seed=3)
+    assert (again_dev.features != dev.features).nnz == 0 and (again_rest.labels != rest.labels).nnz == 0
+    rows = {tuple(r.indices) + tuple(r.data) for r in (*rest.features, *dev.features)}
+    assert len(rows) == len({tuple(r.indices) + tuple(r.data) for r in data.features})  # nothing lost or doubled
+    assert len(train_module.hold_out(data, 0.1, 7, seed=3)[1]) == 7  # capped
+    assert train_module.hold_out(data, 0.0, 5000, seed=3) == (data, None)
+
+
+def test_without_a_dev_split_model_selection_and_fusion_weight_use_a_holdout(e2e_model):
+    meta = json.loads((e2e_model / "model.json").read_text())
+    by_weight = meta["reranker"]["dev_P@5_by_fusion_weight"]  # Bibtex has no dev split
+    assert meta["reranker"]["fusion_weight"] == max(by_weight.values()) or \
+        by_weight[str(meta["reranker"]["fusion_weight"])] == max(by_weight.values())
+    history = [json.loads(x) for x in (e2e_model / "history.jsonl").read_text().splitlines()]
+    assert all("dev" in r for r in history if r["stage"] == 2)

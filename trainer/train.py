@@ -44,6 +44,7 @@ class TrainData:
     X_train: sp.csr_matrix
     Y_train: sp.csr_matrix  # (N, L) known labels
     label_counts: np.ndarray
+    dev_is_holdout: bool = False  # dev was split off train (the dataset has none)
 
 
 def pick_device(name: str) -> torch.device:
@@ -68,6 +69,15 @@ def _log(msg: str, progress: bool) -> None:
         console.print(msg, highlight=False)
 
 
+def hold_out(train: Dataset, fraction: float, max_points: int, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Split a seeded random `fraction` of `train` (at most `max_points`, at least one point) off as a dev split."""
+    n = min(int(round(fraction * len(train))), max_points)
+    if fraction <= 0 or n < 1 or len(train) - n < 1:
+        return train, None
+    perm = np.random.default_rng(seed).permutation(len(train))
+    return train.subset(np.sort(perm[n:])), train.subset(np.sort(perm[:n]))
+
+
 def load_data(dataset_dir: Path, cfg: EliasConfig, featurizer: TfidfFeaturizer | None, progress: bool):
     t0 = time.perf_counter()
     train = read_split(dataset_dir, "train", cfg.data)
@@ -76,7 +86,11 @@ def load_data(dataset_dir: Path, cfg: EliasConfig, featurizer: TfidfFeaturizer |
     dev = read_split(dataset_dir, "dev", cfg.data, vocab=train.vocab) if has_split(dataset_dir, "dev") else None
     if dev is not None and cfg.train.max_eval_points and len(dev) > cfg.train.max_eval_points:
         dev = dev.subset(np.arange(cfg.train.max_eval_points))
-    _log(f"read {len(train):,} train / {len(dev) if dev else 0:,} dev points, "
+    held_out = ""
+    if dev is None:
+        train, dev = hold_out(train, cfg.train.holdout_fraction, cfg.train.holdout_max, cfg.train.seed)
+        held_out = " (held out from train: the dataset has no dev split)" if dev is not None else ""
+    _log(f"read {len(train):,} train / {len(dev) if dev else 0:,} dev points{held_out}, "
          f"{train.num_labels:,} labels ({time.perf_counter() - t0:.1f} s)", progress)
     t0 = time.perf_counter()
     if featurizer is None:
@@ -88,7 +102,7 @@ def load_data(dataset_dir: Path, cfg: EliasConfig, featurizer: TfidfFeaturizer |
     counts = np.asarray(Y.sum(0)).ravel().astype(np.int64)
     if Y.nnz == 0:
         raise TrainingError(f"{dataset_dir}: the train split has no labels")
-    return featurizer, TrainData(train, dev, X, Y, counts)
+    return featurizer, TrainData(train, dev, X, Y, counts, dev_is_holdout=bool(held_out))
 
 
 def stage_epochs(t: TrainConfig, stage: int, steps_per_epoch: int) -> int:
@@ -346,11 +360,19 @@ class Trainer:
         report: dict[str, Any] = {"nnz": int(ranker.W.nnz)}
         if data.dev is not None:
             dev_ids, dev_scores = predict(enc, tensors, data.dev, 100, beam, K, t.eval_batch_size)
+            X_dev = self.featurizer.transform(data.dev)
             weight, by_weight = choose_fusion_weight(
-                ranker, self.featurizer.transform(data.dev), dev_ids, dev_scores, data.dev.labels,
-                data.label_counts, len(data.train), t.select_metric)
-            ranker.fusion_weight = weight
+                ranker, X_dev, dev_ids, dev_scores, data.dev.labels, data.label_counts, len(data.train),
+                t.select_metric)
             report["dev_" + t.select_metric + "_by_fusion_weight"] = {str(k): v for k, v in by_weight.items()}
+            if data.dev_is_holdout:  # the weight is chosen; the held-out points now train the ranker too
+                ranker = train_ranker(sp.vstack([data.X_train, X_dev], format="csr"),
+                                      sp.vstack([data.Y_train, data.dev.known_labels()], format="csr"),
+                                      np.concatenate([ids, dev_ids]), t.reranker_c, t.reranker_threshold,
+                                      n_jobs=max(1, t.threads or torch.get_num_threads()), progress=self.progress,
+                                      seed=t.seed)
+                report["nnz"] = int(ranker.W.nnz)
+            ranker.fusion_weight = weight
         with atomic_dir(self.out_dir / "ranker") as tmp:
             ranker.save(tmp)
         self.timings["reranker_s"] = time.perf_counter() - t0

@@ -10,6 +10,7 @@ import numpy as np
 import typer
 
 from elias_retrieval.atomic import write_json
+from elias_retrieval.baseline import DEFAULT_EF_SEARCH, AnnBaseline, check_kind
 from elias_retrieval.cli.app import app, console, fail, user_errors
 from elias_retrieval.config import EliasConfig
 
@@ -66,10 +67,17 @@ def eval_(
     batch_size: Annotated[int, typer.Option(help="Queries per search batch.")] = 512,
     max_points: Annotated[int, typer.Option(help="Evaluate only the first N points (0 = all).")] = 0,
     rerank: Annotated[bool, typer.Option(help="Apply the ELIAS++ re-ranker when the model or index has one.")] = True,
+    baseline: Annotated[str | None, typer.Option(
+        help="Instead of ELIAS, rank by w_l . phi + b_l from a faiss index over the model's W_L (same encoder): "
+             "flat (exact), hnsw or ivf. Disables ELIAS++ re-ranking.")] = None,
+    ef_search: Annotated[int | None, typer.Option(
+        help=f"HNSW efSearch for --baseline hnsw (default {DEFAULT_EF_SEARCH}).")] = None,
+    nprobe: Annotated[int | None, typer.Option(
+        help="IVF lists probed for --baseline ivf (default: a quarter of the lists).")] = None,
 ) -> None:
     """Evaluate a model or an index offline: P@k, nDCG@k, PSP@k, R@k and recall by label frequency."""
     from elias_retrieval.data import read_split
-    from elias_retrieval.evaluation import evaluate_split
+    from elias_retrieval.evaluation import evaluate_baseline_split, evaluate_split
     from elias_retrieval.metrics import format_table
 
     if split not in ("train", "dev", "test"):
@@ -77,26 +85,48 @@ def eval_(
     for name, v in (("--beam-size", beam_size), ("--shortlist-size", shortlist_size), ("--batch-size", batch_size)):
         if v is not None and v < 1:
             fail(f"{name} must be at least 1, got {v}")
+    if baseline is not None:
+        check_kind(baseline)
+        if beam_size is not None or shortlist_size is not None:
+            fail("--beam-size and --shortlist-size are ELIAS settings; they do not apply to --baseline")
+    for name, v, kind in (("--ef-search", ef_search, "hnsw"), ("--nprobe", nprobe, "ivf")):
+        if v is not None and v < 1:
+            fail(f"{name} must be at least 1, got {v}")
+        if v is not None and baseline != kind:
+            fail(f"{name} applies to --baseline {kind} only")
     source = load_for_eval(model_dir)
     data = read_split(dataset_dir, split, source.data_cfg, vocab=source.vocab, max_rows=max_points)
-    beam = beam_size or min(source.beam_size, source.tensors.num_clusters)
-    if beam > source.tensors.num_clusters:
-        fail(f"--beam-size {beam} is larger than the number of clusters ({source.tensors.num_clusters})")
     t0 = time.perf_counter()
-    metrics = evaluate_split(source.encoder, source.tensors, data, source.label_counts, source.num_train,
-                             beam, shortlist_size or source.shortlist_size, batch_size, progress=True,
-                             ranker=source.ranker if rerank else None, featurizer=source.featurizer)
-    method = "ELIAS++" if rerank and source.ranker is not None else "ELIAS"
-    elapsed = time.perf_counter() - t0
+    if baseline is not None:
+        try:
+            ann = AnnBaseline.from_searcher(source.tensors, baseline)
+        except ImportError as e:
+            fail(str(e))
+        metrics, settings = evaluate_baseline_split(source.encoder, ann, data, source.label_counts, source.num_train,
+                                                    ef_search, nprobe, batch_size, progress=True)
+        method, elapsed = ann.method, time.perf_counter() - t0
+        note = (f"{', '.join(f'{k} {v}' for k, v in settings.items()) or 'exact'}; "
+                f"index built in {ann.build_seconds:.2f} s; no ELIAS++ re-ranking")
+        info: dict[str, object] = {"method": method, "baseline": baseline, **settings,
+                                   "build_seconds": ann.build_seconds}
+    else:
+        beam = beam_size or min(source.beam_size, source.tensors.num_clusters)
+        if beam > source.tensors.num_clusters:
+            fail(f"--beam-size {beam} is larger than the number of clusters ({source.tensors.num_clusters})")
+        metrics = evaluate_split(source.encoder, source.tensors, data, source.label_counts, source.num_train,
+                                 beam, shortlist_size or source.shortlist_size, batch_size, progress=True,
+                                 ranker=source.ranker if rerank else None, featurizer=source.featurizer)
+        method = "ELIAS++" if rerank and source.ranker is not None else "ELIAS"
+        elapsed, note = time.perf_counter() - t0, ""
+        info = {"beam_size": beam, "method": method, "shortlist_size": shortlist_size or source.shortlist_size}
     console.print(format_table(metrics))
-    console.print(f"method: {method}")
+    console.print(f"method: {method}" + (f" ({note})" if note else ""))
     console.print(f"{metrics['num_points']:,} {split} points in {elapsed:.1f} s "
                   f"({1000 * elapsed / max(1, len(data)):.2f} ms per query, encoding included); "
                   f"{metrics['num_points_without_labels']:,} without labels count as 0 for P/nDCG/PSP "
                   "and are left out of R")
     if json_out:
-        write_json(json_out, {**metrics, "split": split, "source": str(model_dir), "beam_size": beam, "method": method,
-                              "shortlist_size": shortlist_size or source.shortlist_size, "seconds": elapsed})
+        write_json(json_out, {**metrics, "split": split, "source": str(model_dir), **info, "seconds": elapsed})
 
 
 class EvalSource:
