@@ -7,8 +7,9 @@
 
 The server runs in a child process (`--role server`) on an ephemeral loopback port; the client process
 sends embedding queries. One client: p50/p99 latency of sequential Search calls against in-process
-`Searcher.search_embeddings` on the same index. Many clients: a closed loop of N outstanding calls
-(asynchronous futures on one channel) for a fixed time, against a server with and without dynamic batching.
+`Searcher.search_embeddings` on the same index. Many clients (1, 8, 32, 64 by default): a closed loop of N
+outstanding calls (asynchronous futures on one channel) for a fixed time, against a server with and without
+dynamic batching: queries/s, p50/p99, failed calls and the server's resident memory before and after.
 
 --quality serves a built index with a real `elias serve` child instead, sends the dataset's test texts in
 SearchBatch calls and checks that R@100 (and each query's top-k ids) over gRPC equal `Searcher.search_texts` in
@@ -34,13 +35,23 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from report import BENCHMARKS, add_index_args, command_line, machine, parse_args, today, write_section  # noqa: E402
+from report import (  # noqa: E402
+    BENCHMARKS,
+    add_index_args,
+    ceiling_line,
+    command_line,
+    machine,
+    machine_ceiling,
+    parse_args,
+    today,
+    write_section,
+)
 
 SECTION = "## gRPC serving"
 QUALITY_SECTION = "## EURLEX57K over gRPC"
 # --quick: a few seconds, for the test suite; the numbers mean nothing.
 QUICK = {"labels": 10_000, "clusters": 128, "kappa": 100, "dim": 32, "shortlist": 500, "queries": 100, "clients": 4,
-         "seconds": 1.0}
+         "client_counts": [1, 4], "seconds": 1.0}
 
 
 def build_searcher(args: argparse.Namespace):
@@ -156,8 +167,8 @@ def one_client(address: str, embs: np.ndarray) -> list[float]:
     return ts
 
 
-def closed_loop(address: str, embs: np.ndarray, clients: int, seconds: float) -> tuple[float, float]:
-    """N outstanding calls at all times for `seconds`; returns (queries/s, p50 latency ms)."""
+def closed_loop(address: str, embs: np.ndarray, clients: int, seconds: float) -> dict[str, float]:
+    """N outstanding calls at all times for `seconds`; queries/s, p50 and p99 latency (ms) and failed calls."""
     from elias_retrieval.proto.elias.v1 import searcher_pb2 as pb
     from elias_retrieval.proto.elias.v1 import searcher_pb2_grpc as pb_grpc
 
@@ -200,7 +211,20 @@ def closed_loop(address: str, embs: np.ndarray, clients: int, seconds: float) ->
         elapsed = time.perf_counter() - t_start
     if state["errors"]:
         print(f"  {state['errors']} calls failed", flush=True)
-    return state["n"] / elapsed, float(np.percentile(np.asarray(lat) * 1e3, 50))
+    ms = np.asarray(lat) * 1e3 if lat else np.zeros(1)
+    return {"qps": state["n"] / elapsed, "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
+            "errors": float(state["errors"])}
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of process `pid` (Linux /proc), MiB; 0 where unknown."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def quality(args: argparse.Namespace, machine_desc: str) -> None:
@@ -318,7 +342,9 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-wait-us", type=int, default=500)
     ap.add_argument("--queries", type=int, default=1000, help="sequential queries for the one-client latency")
-    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--clients", type=int, default=32, help="the load level of the batching / no batching ratio")
+    ap.add_argument("--client-counts", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8, 32, 64],
+                    help="load levels, comma-separated")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--quick", action="store_true", help=f"tiny sizes, a few seconds ({QUICK})")
     ap.add_argument("--quality", nargs=2, type=Path, metavar=("INDEX_DIR", "DATASET_DIR"), default=None,
@@ -339,13 +365,14 @@ def main() -> None:
     import torch
     from search_latency import percentiles
 
-    machine_desc = machine()  # before the run: the load average says whether the machine was quiet
+    from elias_retrieval.synthetic import synthetic_queries
 
-    rng = np.random.default_rng(2)
-    embs = rng.normal(size=(args.queries + 50, args.dim)).astype(np.float32)
+    machine_desc = machine()  # before the run: the load average says whether the machine was quiet
+    ceiling = machine_ceiling()
     # In-process reference, same index, same thread count, in this process (then freed).
     torch.set_num_threads(args.threads)
     searcher = build_searcher(args)
+    embs = synthetic_queries(searcher.tensors, args.queries + 50, seed=2)[0].numpy()  # each near one label
     for e in embs[:50]:
         searcher.search_embeddings(e[None])
     ts = []
@@ -355,40 +382,55 @@ def main() -> None:
         ts.append(time.perf_counter() - t0)
     ip50, ip99 = percentiles(ts)
     del searcher
+    gc.collect()
     print(f"in-process batch 1: p50 {ip50:.3f} ms, p99 {ip99:.3f} ms", flush=True)
 
-    proc, address = spawn_server(args, batching=True)
-    try:
-        g50, g99 = percentiles(one_client(address, embs))
-        print(f"gRPC one client: p50 {g50:.3f} ms, p99 {g99:.3f} ms (overhead p50 {g50 - ip50:+.3f} ms)", flush=True)
-        qps_b, lat_b = closed_loop(address, embs, args.clients, args.seconds)
-        print(f"{args.clients} clients, dynamic batching: {qps_b:,.0f} queries/s, p50 {lat_b:.1f} ms", flush=True)
-    finally:
-        stop_server(proc)
-    proc, address = spawn_server(args, batching=False)
-    try:
-        qps_n, lat_n = closed_loop(address, embs, args.clients, args.seconds)
-        print(f"{args.clients} clients, no batching: {qps_n:,.0f} queries/s, p50 {lat_n:.1f} ms", flush=True)
-    finally:
-        stop_server(proc)
-    print(f"batching / no batching throughput: {qps_b / qps_n:.2f}x")
+    runs: dict[tuple[bool, int], dict[str, float]] = {}
+    for batching in (True, False):
+        proc, address = spawn_server(args, batching=batching)
+        try:
+            rss_before = rss_mib(proc.pid)
+            if batching:
+                g50, g99 = percentiles(one_client(address, embs))
+                print(f"gRPC one client: p50 {g50:.3f} ms, p99 {g99:.3f} ms (overhead p50 {g50 - ip50:+.3f} ms)",
+                      flush=True)
+            for n in args.client_counts:
+                r = runs[batching, n] = closed_loop(address, embs, n, args.seconds)
+                r["rss_before"], r["rss_after"] = rss_before, rss_mib(proc.pid)
+                print(f"{n} clients, {'dynamic batching' if batching else 'no batching'}: {r['qps']:,.0f} queries/s, "
+                      f"p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, {r['errors']:.0f} errors, server RSS "
+                      f"{r['rss_before']:,.0f} -> {r['rss_after']:,.0f} MiB", flush=True)
+        finally:
+            stop_server(proc)
+    n_ratio = args.clients if args.clients in args.client_counts else args.client_counts[-1]
+    ratio = runs[True, n_ratio]["qps"] / runs[False, n_ratio]["qps"]
+    print(f"batching / no batching throughput at {n_ratio} clients: {ratio:.2f}x")
     if args.no_write:
         return
     setup = (f"synthetic index L = {args.labels:,}, C = {args.clusters:,}, kappa = {args.kappa}, d = {args.dim}, "
-             f"fp16 W_L, k = {args.k}, beam = {args.beam}, shortlist = {args.shortlist}; embedding queries; "
-             f"server and clients on the same machine, server torch threads = {args.threads}, "
-             f"batching max {args.max_batch} queries / {args.max_wait_us} us")
+             f"fp16 W_L, k = {args.k}, beam = {args.beam}, shortlist = {args.shortlist}; embedding queries "
+             f"(`synthetic_queries`, each near one label); server and clients on the same machine, server torch "
+             f"threads = {args.threads}, batching max {args.max_batch} queries / {args.max_wait_us} us; each load "
+             f"level runs {args.seconds:g} s with N calls outstanding at all times")
     lines = [
         f"Setup: {setup}. Machine: {machine_desc}. Date: {today()}. Command: `{command_line()}`.", "",
         "| measurement | p50 (ms) | p99 (ms) | queries/s |",
-        "| --- | --- | --- | --- |",
+        "| --- | ---: | ---: | ---: |",
         f"| in-process `search_embeddings`, batch 1 | {ip50:.3f} | {ip99:.3f} | |",
         f"| gRPC `Search`, one client | {g50:.3f} | {g99:.3f} | |",
         f"| gRPC overhead over in-process (p50) | {g50 - ip50:+.3f} | | |",
-        f"| {args.clients} concurrent clients, dynamic batching | {lat_b:.1f} | | {qps_b:,.0f} |",
-        f"| {args.clients} concurrent clients, no batching | {lat_n:.1f} | | {qps_n:,.0f} |",
-        f"| throughput ratio, batching / no batching | | | {qps_b / qps_n:.2f}x |",
+        f"| throughput ratio at {n_ratio} clients, batching / no batching | | | {ratio:.2f}x |",
+        "",
+        "| clients | dynamic batching | queries/s | p50 (ms) | p99 (ms) | errors | server RSS before -> after (MiB) |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
+    for (batching, n), r in sorted(runs.items(), key=lambda x: (x[0][1], not x[0][0])):
+        lines.append(f"| {n} | {'yes' if batching else 'no'} | {r['qps']:,.0f} | {r['p50']:.1f} | {r['p99']:.1f} | "
+                     f"{r['errors']:.0f} | {r['rss_before']:,.0f} -> {r['rss_after']:,.0f} |")
+    best = max(r["qps"] for r in runs.values())
+    lines += ["", f"{ceiling_line(ceiling)} The best throughput, {best:,.0f} queries/s, is "
+              f"{best * 2 * args.dim * (args.clusters + args.shortlist) / ceiling['gemm_flops']:.1%} of the GEMM "
+              "ceiling counted as the W_C and W_L products' FLOPs."]
     write_section(SECTION, "\n".join(lines), args.benchmarks_file)
     print(f"wrote {SECTION!r} in {args.benchmarks_file}")
 

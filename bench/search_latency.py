@@ -22,11 +22,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import BENCHMARKS, add_index_args, command_line, machine, parse_args, today, write_section  # noqa: E402
+from report import (  # noqa: E402
+    BENCHMARKS,
+    add_index_args,
+    ceiling_line,
+    command_line,
+    machine,
+    machine_ceiling,
+    parse_args,
+    today,
+    write_section,
+)
 
-from elias_retrieval.search import cluster_scores, label_logits, shortlist  # noqa: E402
+from elias_retrieval.search import best_paths, cluster_scores, expand, label_logits, shortlist  # noqa: E402
 from elias_retrieval.searcher import Searcher  # noqa: E402
-from elias_retrieval.synthetic import synthetic_tensors  # noqa: E402
+from elias_retrieval.synthetic import synthetic_queries, synthetic_tensors  # noqa: E402
 
 SECTION = "## In-process search latency"
 # --quick: a few seconds, for the test suite; the numbers mean nothing.
@@ -50,6 +60,38 @@ def gemm_peak(dim: int, C: int, batch: int = 256, reps: int = 10) -> float:
     return 2 * batch * dim * C / best
 
 
+STAGES = ("W_C product", "cluster softmax + beam", "expand beam rows of A", "best path per label (dedupe)",
+          "W_L on the shortlist", "final top-k")
+
+
+@torch.inference_mode()
+def stage_times(t, embs: torch.Tensor, k: int, beam: int, K: int) -> dict[str, float]:
+    """Median ms of each step of `search` at batch 1 (the same calls, timed one by one)."""
+    times: dict[str, list[float]] = {name: [] for name in STAGES}
+    L = t.num_labels
+    for e in embs:
+        e = e[None]
+        t0 = time.perf_counter()
+        logits = torch.addmm(t.b_C, e, t.W_C.T)
+        t1 = time.perf_counter()
+        sc = cluster_scores(logits, t.alpha)
+        clusters = torch.topk(sc, beam, dim=1).indices
+        t2 = time.perf_counter()
+        cand_ids, cand_path = expand(clusters, sc.gather(1, clusters), t.A_ids, t.A_weights)
+        t3 = time.perf_counter()
+        pos, valid = best_paths(cand_ids, cand_path, K, L)
+        ids, path = cand_ids.gather(1, pos), cand_path.gather(1, pos) * valid
+        t4 = time.perf_counter()
+        z = label_logits(e, torch.where(valid, ids, torch.zeros_like(ids)).clamp_(max=L - 1), t.W_L, t.b_L,
+                         t.W_L_scale)
+        t5 = time.perf_counter()
+        torch.topk(torch.where(valid, path * torch.sigmoid(z), -1.0), k, dim=1)
+        t6 = time.perf_counter()
+        for name, a, b in zip(STAGES, (t0, t1, t2, t3, t4, t5), (t1, t2, t3, t4, t5, t6), strict=True):
+            times[name].append(b - a)
+    return {name: float(np.median(v)) * 1e3 for name, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_index_args(ap)
@@ -61,6 +103,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parse_args(ap, QUICK)
     machine_desc = machine()  # before the run: the load average says whether the machine was quiet
+    ceiling = machine_ceiling()
 
     t0 = time.perf_counter()
     raw = synthetic_tensors(args.labels, dim=args.dim, kappa=args.kappa, num_clusters=args.clusters, seed=0)
@@ -70,11 +113,10 @@ def main() -> None:
     del raw
     print(f"index: L={t.num_labels:,} C={t.num_clusters:,} kappa={t.A_ids.shape[1]} d={t.dim} "
           f"W_L {t.W_L.dtype}, built in {time.perf_counter() - t0:.1f} s", flush=True)
-    rng = np.random.default_rng(1)
     rows = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        embs = rng.normal(size=(args.queries + 50, args.dim)).astype(np.float32)
+        embs = synthetic_queries(t, args.queries + 50, seed=threads)[0].numpy()  # each near a label
         for e in embs[:50]:
             s.search_embeddings(e[None])
         ts = []
@@ -86,10 +128,14 @@ def main() -> None:
         rows.append((threads, p50, p99))
         print(f"batch 1, {threads} thread(s): p50 {p50:.3f} ms, p99 {p99:.3f} ms", flush=True)
 
+    torch.set_num_threads(1)
+    stages = stage_times(t, synthetic_queries(t, min(args.queries, 500), seed=7)[0], args.k, args.beam,
+                         args.shortlist)
+    print("batch 1, 1 thread, median ms per step: " + ", ".join(f"{n} {v:.3f}" for n, v in stages.items()))
     torch.set_num_threads(2)
     B = args.batch
     peak = gemm_peak(args.dim, t.num_clusters, B)
-    embs = torch.from_numpy(rng.normal(size=(args.batches + 1, B, args.dim)).astype(np.float32))
+    embs = synthetic_queries(t, (args.batches + 1) * B, seed=3)[0].reshape(args.batches + 1, B, args.dim)
     s.search_embeddings(embs[0])
     t1 = time.perf_counter()
     for e in embs[1:]:
@@ -129,6 +175,21 @@ def main() -> None:
         lines.append(f"| 1 | {threads} | {p50:.3f} | {p99:.3f} | {1e3 / p50:,.0f} | |")
     lines.append(f"| {B} | 2 | | | {qps:,.0f} | {100 * frac:.0f}% (W_C {f_wc * n / t_wc / 1e9:.0f}, "
                  f"W_L {f_wl * n / t_wl / 1e9:.1f} of {peak / 1e9:.0f} GFLOP/s) |")
+    wc_bytes = t.W_C.numel() * t.W_C.element_size()
+    wl_bytes = args.shortlist * t.dim * t.W_L.element_size()
+    p50_1t = rows[0][1] / 1e3
+    bw_frac = (wc_bytes + wl_bytes) / p50_1t / ceiling["bandwidth_1t"]
+    lines += [
+        "", "Queries: `synthetic_queries` (each near one label, as a real query is near its labels). "
+        "Batch 1, 1 thread, median time of each step (ms): "
+        + ", ".join(f"{n} {v:.3f}" for n, v in stages.items()) + f" (sum {sum(stages.values()):.3f}).",
+        "", f"{ceiling_line(ceiling)} Batch 1 reads {(wc_bytes + wl_bytes) / 2**20:.1f} MiB of W_C and shortlisted "
+        f"W_L rows per query: at the 1-thread p50 that is {bw_frac:.0%} "
+        f"of the 1-thread copy bandwidth; the W_C product alone takes {stages[STAGES[0]]:.3f} ms, "
+        f"{wc_bytes / (stages[STAGES[0]] / 1e3) / ceiling['bandwidth_1t']:.0%} of it. Batch {B}: the W_C and W_L "
+        f"products reach {(f_wc + f_wl) * n / (t_wc + t_wl) / ceiling['gemm_flops']:.0%} of the GEMM ceiling; the "
+        f"whole search {qps * (f_wc + f_wl) / B / ceiling['gemm_flops']:.1%}.",
+    ]
     write_section(SECTION, "\n".join(lines), args.benchmarks_file)
     print(f"wrote {SECTION!r} in {args.benchmarks_file}")
 

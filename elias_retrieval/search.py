@@ -19,9 +19,10 @@ from torch import Tensor
 
 # Past this many candidates per query, dense label scoring beats gathering W_L rows (see label_logits).
 _DENSE_LABELS_FACTOR = 4
-# best_paths dedupes through a dense (B, L) buffer when L is at most this many times the candidates per query,
-# with at most this many buffer elements at a time.
+# best_paths dedupes through a dense (B, L) buffer when L is at most this many times the candidates per query
+# or at most _DENSE_DEDUPE_LABELS, with at most _DENSE_DEDUPE_ELEMENTS buffer elements at a time.
 _DENSE_DEDUPE_FACTOR = 2
+_DENSE_DEDUPE_LABELS = 1 << 15
 _DENSE_DEDUPE_ELEMENTS = 1 << 23
 
 
@@ -98,14 +99,14 @@ def best_paths(cand_ids: Tensor, cand_path: Tensor, k: int, pad_id: int) -> tupl
     A label reached through several clusters keeps its best path. Returns (positions, valid), in no particular
     order; `valid` is False where fewer than k distinct labels were reachable. `pad_id` is L (A's pad slots).
     Three exact routes: with few labels per candidate, a dense (B, L) max over the candidates; with many (large
-    L), the best candidates of each row through a per-thread (L,) scratch buffer on the CPU, and a sort by
+    L), the best candidates of each row through a reused (L,) scratch buffer on the CPU, and a sort by
     (label, path) elsewhere (CUDA sorts fast; CPU sorts of more than a few thousand keys do not).
     """
     B, N = cand_ids.shape
     k = min(k, N)
     cand_ids = cand_ids.long()  # an index read from disk stores A_ids as int32; scatter and shifts need int64
     score = cand_path.masked_fill(cand_ids == pad_id, -1.0)  # pad slots rank last and are never kept
-    if pad_id + 1 <= _DENSE_DEDUPE_FACTOR * N:
+    if pad_id + 1 <= max(_DENSE_DEDUPE_FACTOR * N, _DENSE_DEDUPE_LABELS):
         return _best_paths_dense(cand_ids, score, min(k, pad_id), pad_id)
     m = k + max(k // 4, 64)
     if score.device.type == "cpu":
@@ -131,48 +132,61 @@ def _best_paths_dense(cand_ids: Tensor, score: Tensor, k: int, L: int) -> tuple[
     return torch.where(valid, first.gather(1, label), 0).long(), valid
 
 
-class _Scratch(threading.local):
-    """Per-thread (L + 1,) buffers for _best_paths_scratch, kept between calls: each call resets what it wrote."""
+class _ScratchPool:
+    """(L + 1,) int64 buffers for _best_paths_scratch, reused across calls and threads; a call resets what it
+    wrote. Last in, first out: a server's successive requests (on whichever worker thread) reuse the buffer
+    still in cache, and concurrent searches each get their own."""
 
-    best: Tensor | None = None
-    first: Tensor | None = None
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[Tensor] = []
+
+    def acquire(self, size: int) -> Tensor:
+        with self._lock:
+            while self._free:
+                buf = self._free.pop()
+                if buf.shape[0] >= size:
+                    return buf
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            return torch.full((size,), -1, dtype=torch.long)
+
+    def release(self, buf: Tensor) -> None:
+        with self._lock:
+            self._free.append(buf)
 
 
-_scratch = _Scratch()
-_NO_POSITION = torch.iinfo(torch.int32).max
-
-
-def _scratch_buffers(size: int) -> tuple[Tensor, Tensor]:
-    if _scratch.best is None or _scratch.best.shape[0] < size:
-        with torch.inference_mode(False):  # normal tensors: usable in and out of inference mode
-            _scratch.best = torch.full((size,), -1.0)
-            _scratch.first = torch.full((size,), _NO_POSITION, dtype=torch.int32)
-    assert _scratch.first is not None
-    return _scratch.best, _scratch.first
+_scratch = _ScratchPool()
 
 
 def _best_paths_scratch(cand_ids: Tensor, score: Tensor, k: int, m: int, pad_id: int) -> tuple[Tensor, Tensor]:
     """best_paths on the CPU for large L, one row at a time: the top `m` candidates of the row, each label's
-    best path and first position through the scratch buffers (O(m), no sort), widened until exact."""
+    best candidate through a scratch buffer (O(m), no sort), widened until exact."""
+    buf = _scratch.acquire(pad_id + 1)
+    try:
+        return _scratch_rows(cand_ids, score, k, m, buf)
+    finally:
+        _scratch.release(buf)
+
+
+def _scratch_rows(cand_ids: Tensor, score: Tensor, k: int, m: int, buf: Tensor) -> tuple[Tensor, Tensor]:
+    # One key per candidate, its path's float bits (non-negative floats order like their bits) above its
+    # position reversed: a max over a label's keys is its best path, ties to the first position.
     B, N = cand_ids.shape
-    best, first = _scratch_buffers(pad_id + 1)
     pos = torch.zeros(B, k, dtype=torch.long)
     valid = torch.zeros(B, k, dtype=torch.bool)
-    arange = torch.arange(N, dtype=torch.int32)
+    rev = 0x7FFFFFFF - torch.arange(N, dtype=torch.long)
     for r in range(B):
         width = min(max(m, k), N)
         while True:
             if width < N:
                 top, top_pos = torch.topk(score[r], width, sorted=False)
             else:
-                top, top_pos = score[r], arange.long()
+                top, top_pos = score[r], torch.arange(N)
             ids = cand_ids[r].index_select(0, top_pos)
-            best.scatter_reduce_(0, ids, top, "amax")
-            at = arange[:width]
-            first.scatter_reduce_(0, ids, torch.where(top == best.index_select(0, ids), at, _NO_POSITION), "amin")
-            keep = (first.index_select(0, ids) == at) & (top >= 0)
-            best.index_fill_(0, ids, -1.0)
-            first.index_fill_(0, ids, _NO_POSITION)
+            key = ((top.clamp(min=0).view(torch.int32).long() & 0x7FFFFFFF) << 31) | rev.index_select(0, top_pos)
+            buf.scatter_reduce_(0, ids, key, "amax")
+            keep = (buf.index_select(0, ids) == key) & (top >= 0)
+            buf.index_fill_(0, ids, -1)
             distinct = int(keep.sum())
             if width == N or distinct >= k:
                 break

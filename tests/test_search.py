@@ -106,7 +106,7 @@ def test_unreachable_slots_are_padded_with_minus_one():
     assert (res.scores[:, 3:] == 0).all()
 
 
-@pytest.mark.parametrize("L", [300, 20_000])  # dense dedupe, then the large-L route
+@pytest.mark.parametrize("L", [300, 40_000])  # dense dedupe, then the large-L route
 def test_int32_graph_ids_as_read_from_disk_give_the_same_results(L):
     t = random_tensors(L=L, C=16, kappa=40)
     t32 = SearchTensors(t.W_C, t.b_C, t.A_ids.int(), t.A_weights, t.W_L, t.b_L, t.alpha)
