@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import Tensor
 
 from elias_retrieval.data import Dataset
 from elias_retrieval.encoders import Encoder
@@ -17,6 +19,25 @@ from elias_retrieval.search import SearchTensors, search
 
 if TYPE_CHECKING:
     from elias_retrieval.baseline import AnnBaseline
+
+
+def embedded_batches(
+    encoder: Encoder, data: Dataset, device: torch.device, batch_size: int, progress: bool, description: str
+) -> Iterator[tuple[np.ndarray, Tensor]]:
+    """(row numbers, query embeddings) for `data` in batches, under inference mode, with a progress bar."""
+    encoder.eval()
+    inputs = encoder.prepare(data)
+    n = len(inputs)
+    with (
+        Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                 disable=not progress, transient=True) as bar,
+        torch.inference_mode(),
+    ):
+        task = bar.add_task(description, total=n)
+        for start in range(0, n, batch_size):
+            rows = np.arange(start, min(start + batch_size, n))
+            yield rows, encoder(inputs.batch(rows, device))
+            bar.advance(task, len(rows))
 
 
 def predict(
@@ -30,26 +51,13 @@ def predict(
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Ranked top-k label ids (-1 padded) and scores for every point of `data`."""
-    encoder.eval()
-    inputs = encoder.prepare(data)
-    device = tensors.W_C.device
-    n = len(inputs)
-    ids = np.full((n, k), -1, dtype=np.int64)
-    scores = np.zeros((n, k), dtype=np.float32)
-    with (
-        Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                 disable=not progress, transient=True) as bar,
-        torch.inference_mode(),
-    ):
-        task = bar.add_task("searching", total=n)
-        for start in range(0, n, batch_size):
-            rows = np.arange(start, min(start + batch_size, n))
-            emb = encoder(inputs.batch(rows, device))
-            res = search(emb, tensors, k=k, beam_size=beam_size, shortlist_size=shortlist_size)
-            kk = res.ids.shape[1]
-            ids[rows, :kk] = res.ids.cpu().numpy()
-            scores[rows, :kk] = res.scores.float().cpu().numpy()
-            bar.advance(task, len(rows))
+    ids = np.full((len(data), k), -1, dtype=np.int64)
+    scores = np.zeros((len(data), k), dtype=np.float32)
+    for rows, emb in embedded_batches(encoder, data, tensors.W_C.device, batch_size, progress, "searching"):
+        res = search(emb, tensors, k=k, beam_size=beam_size, shortlist_size=shortlist_size)
+        kk = res.ids.shape[1]
+        ids[rows, :kk] = res.ids.cpu().numpy()
+        scores[rows, :kk] = res.scores.float().cpu().numpy()
     return ids, scores
 
 
@@ -64,23 +72,11 @@ def predict_baseline(
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`predict` with an ANNS baseline instead of ELIAS: the top-k of w_l . phi + b_l from `ann` (-1 padded)."""
-    encoder.eval()
-    inputs = encoder.prepare(data)
+    ids = np.full((len(data), k), -1, dtype=np.int64)
+    scores = np.full((len(data), k), -np.inf, dtype=np.float32)
     device = next(encoder.parameters()).device
-    n = len(inputs)
-    ids = np.full((n, k), -1, dtype=np.int64)
-    scores = np.full((n, k), -np.inf, dtype=np.float32)
-    with (
-        Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                 disable=not progress, transient=True) as bar,
-        torch.inference_mode(),
-    ):
-        task = bar.add_task(f"searching ({ann.method})", total=n)
-        for start in range(0, n, batch_size):
-            rows = np.arange(start, min(start + batch_size, n))
-            emb = encoder(inputs.batch(rows, device)).float()
-            ids[rows], scores[rows] = ann.search(emb, k, ef_search=ef_search, nprobe=nprobe)
-            bar.advance(task, len(rows))
+    for rows, emb in embedded_batches(encoder, data, device, batch_size, progress, f"searching ({ann.method})"):
+        ids[rows], scores[rows] = ann.search(emb.float(), k, ef_search=ef_search, nprobe=nprobe)
     return ids, scores
 
 

@@ -19,3 +19,9 @@ def shared_data_dir() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def bibtex(shared_data_dir) -> Path:
+    """The Bibtex dataset (XC format, train and test splits, no dev split)."""
+    return shared_data_dir / "xc" / "bibtex"

@@ -15,11 +15,6 @@ pytest.importorskip("faiss")
 
 
 @pytest.fixture(scope="module")
-def bibtex(shared_data_dir) -> Path:
-    return shared_data_dir / "xc" / "bibtex"
-
-
-@pytest.fixture(scope="module")
 def tiny_model(bibtex, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli-baseline") / "model"
     run_training(bibtex, out, EliasConfig().with_overrides(TINY), progress=False)

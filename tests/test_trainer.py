@@ -91,11 +91,6 @@ def _epochs(model_dir: Path) -> list[tuple[int, int]]:
 
 
 @pytest.fixture(scope="module")
-def bibtex(shared_data_dir) -> Path:
-    return shared_data_dir / "xc" / "bibtex"
-
-
-@pytest.fixture(scope="module")
 def e2e_model(bibtex, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("e2e") / "model"
     _cli_ok("train", bibtex, out, "--quiet", *_sets(E2E))
