@@ -6,11 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("faiss")
-
-from elias_retrieval.baseline import AnnBaseline, default_nlist  # noqa: E402
-from elias_retrieval.search import SearchTensors  # noqa: E402
-from elias_retrieval.synthetic import synthetic_queries, synthetic_tensors  # noqa: E402
+from elias_retrieval.baseline import AnnBaseline, default_nlist
+from elias_retrieval.search import SearchTensors
+from elias_retrieval.synthetic import synthetic_queries, synthetic_tensors
 
 L, D = 1500, 24
 

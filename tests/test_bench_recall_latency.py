@@ -6,11 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
 from test_bench_quick import has_row, run_quick, section
-
-pytest.importorskip("faiss")
-pytest.importorskip("matplotlib")
 
 NUM = r"-?\d+\.\d+"
 

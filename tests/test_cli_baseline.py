@@ -11,8 +11,6 @@ from test_cli import TINY, _cli, _one_line_error
 from elias_retrieval.config import EliasConfig
 from trainer.train import train as run_training
 
-pytest.importorskip("faiss")
-
 
 @pytest.fixture(scope="module")
 def tiny_model(bibtex, tmp_path_factory) -> Path:
