@@ -7,9 +7,11 @@
 
 The server runs in a child process (`--role server`) on an ephemeral loopback port; the client process
 sends embedding queries. One client: p50/p99 latency of sequential Search calls against in-process
-`Searcher.search_embeddings` on the same index. Many clients (1, 8, 32, 64 by default): a closed loop of N
-outstanding calls (asynchronous futures on one channel) for a fixed time, against a server with and without
-dynamic batching: queries/s, p50/p99, failed calls and the server's resident memory before and after.
+`Searcher.search_embeddings` on the same index (timed in alternating blocks), and the round trip of an empty
+GetIndexInfo call: what any call costs in this gRPC stack, the floor under the overhead. Many clients (1, 8,
+32, 64 by default): a closed loop of N outstanding calls (asynchronous futures on one channel) for a fixed
+time, against a server with and without dynamic batching: queries/s, p50/p99, failed calls and the server's
+resident memory before and after.
 
 --quality serves a built index with a real `elias serve` child instead, sends the dataset's test texts in
 SearchBatch calls and checks that R@100 (and each query's top-k ids) over gRPC equal `Searcher.search_texts` in
@@ -150,21 +152,39 @@ def stop_server(proc: subprocess.Popen) -> None:
     proc.wait(30)
 
 
-def one_client(address: str, embs: np.ndarray) -> list[float]:
+def one_client(address: str, embs: np.ndarray, searcher=None, rounds: int = 4) -> dict[str, list[float]]:
+    """Sequential calls from one client: `Search` per query, and an empty `GetIndexInfo` call (the gRPC floor).
+
+    With `searcher` (the same index in this process), blocks of in-process `search_embeddings` calls alternate
+    with the gRPC blocks, so that a drift in the machine's speed hits both sides alike. Durations in seconds.
+    """
     from elias_retrieval.proto.elias.v1 import searcher_pb2 as pb
     from elias_retrieval.proto.elias.v1 import searcher_pb2_grpc as pb_grpc
 
+    out: dict[str, list[float]] = {"grpc": [], "empty": [], "local": []}
     with grpc.insecure_channel(address) as ch:
         stub = pb_grpc.SearcherStub(ch)
         reqs = [pb.SearchRequest(query=pb.Query(embedding=pb.DenseEmbedding(values=e.tolist()))) for e in embs]
+        info = pb.GetIndexInfoRequest()
         for r in reqs[:50]:
             stub.Search(r, timeout=10)
-        ts = []
-        for r in reqs[50:]:
-            t0 = time.perf_counter()
-            stub.Search(r, timeout=10)
-            ts.append(time.perf_counter() - t0)
-    return ts
+            stub.GetIndexInfo(info, timeout=10)
+        timed = reqs[50:]
+        step = -(-len(timed) // rounds)
+        for a in range(0, len(timed), step):
+            if searcher is not None:
+                for e in embs[50 + a : 50 + a + step]:
+                    t0 = time.perf_counter()
+                    searcher.search_embeddings(e[None])
+                    out["local"].append(time.perf_counter() - t0)
+            for r in timed[a : a + step]:
+                t0 = time.perf_counter()
+                stub.Search(r, timeout=10)
+                t1 = time.perf_counter()
+                stub.GetIndexInfo(info, timeout=10)
+                out["grpc"].append(t1 - t0)
+                out["empty"].append(time.perf_counter() - t1)
+    return out
 
 
 def closed_loop(address: str, embs: np.ndarray, clients: int, seconds: float) -> dict[str, float]:
@@ -369,21 +389,12 @@ def main() -> None:
 
     machine_desc = machine()  # before the run: the load average says whether the machine was quiet
     ceiling = machine_ceiling()
-    # In-process reference, same index, same thread count, in this process (then freed).
+    # In-process reference: the same index in this process, timed in blocks alternating with the gRPC client's.
     torch.set_num_threads(args.threads)
     searcher = build_searcher(args)
     embs = synthetic_queries(searcher.tensors, args.queries + 50, seed=2)[0].numpy()  # each near one label
     for e in embs[:50]:
         searcher.search_embeddings(e[None])
-    ts = []
-    for e in embs[50:]:
-        t0 = time.perf_counter()
-        searcher.search_embeddings(e[None])
-        ts.append(time.perf_counter() - t0)
-    ip50, ip99 = percentiles(ts)
-    del searcher
-    gc.collect()
-    print(f"in-process batch 1: p50 {ip50:.3f} ms, p99 {ip99:.3f} ms", flush=True)
 
     runs: dict[tuple[bool, int], dict[str, float]] = {}
     for batching in (True, False):
@@ -391,9 +402,12 @@ def main() -> None:
         try:
             rss_before = rss_mib(proc.pid)
             if batching:
-                g50, g99 = percentiles(one_client(address, embs))
-                print(f"gRPC one client: p50 {g50:.3f} ms, p99 {g99:.3f} ms (overhead p50 {g50 - ip50:+.3f} ms)",
-                      flush=True)
+                one = one_client(address, embs, searcher)
+                del searcher
+                gc.collect()
+                (ip50, ip99), (g50, g99), (e50, e99) = (percentiles(one[x]) for x in ("local", "grpc", "empty"))
+                print(f"one client: in-process p50 {ip50:.3f} ms, gRPC Search p50 {g50:.3f} ms (overhead "
+                      f"{g50 - ip50:+.3f} ms), empty GetIndexInfo call p50 {e50:.3f} ms", flush=True)
             for n in args.client_counts:
                 r = runs[batching, n] = closed_loop(address, embs, n, args.seconds)
                 r["rss_before"], r["rss_after"] = rss_before, rss_mib(proc.pid)
@@ -419,6 +433,7 @@ def main() -> None:
         f"| in-process `search_embeddings`, batch 1 | {ip50:.3f} | {ip99:.3f} | |",
         f"| gRPC `Search`, one client | {g50:.3f} | {g99:.3f} | |",
         f"| gRPC overhead over in-process (p50) | {g50 - ip50:+.3f} | | |",
+        f"| of which the framework floor: an empty `GetIndexInfo` call, one client | {e50:.3f} | {e99:.3f} | |",
         f"| throughput ratio at {n_ratio} clients, batching / no batching | | | {ratio:.2f}x |",
         "",
         "| clients | dynamic batching | queries/s | p50 (ms) | p99 (ms) | errors | server RSS before -> after (MiB) |",

@@ -23,13 +23,20 @@ BENCHMARKS = ROOT / "BENCHMARKS.md"
 
 
 def machine() -> str:
-    """CPU model, core count and the load average just before the run (the machines are shared and noisy)."""
+    """CPU model, the vector instructions torch uses, core count, L3 size and the load average just before the
+    run (the machines are shared and noisy, and not always the same CPU: the ISA decides e.g. whether half
+    precision products are fast)."""
+    import torch
+
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         model = re.search(r"Model name:\s*(.+)", out).group(1).strip()  # type: ignore[union-attr]
     except (OSError, AttributeError):
-        model = platform.processor() or "unknown CPU"
-    return f"{model}, {os.cpu_count()} cores, 1-min load average {os.getloadavg()[0]:.2f} before the run"
+        out, model = "", platform.processor() or "unknown CPU"
+    l3 = re.search(r"L3 cache:\s*([0-9.]+ \w+)", out)
+    isa = torch.backends.cpu.get_cpu_capability()
+    return (f"{model} ({isa}{', L3 ' + l3.group(1) if l3 else ''}), {os.cpu_count()} cores, 1-min load average "
+            f"{os.getloadavg()[0]:.2f} before the run")
 
 
 def _best_time(fn: Callable[[], object], reps: int) -> float:

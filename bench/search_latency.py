@@ -5,8 +5,10 @@
     .venv/bin/python bench/search_latency.py --quick --benchmarks-file /tmp/B.md   # tiny smoke run (the tests)
 
 Embeddings are given (no encoder). Batch 1: p50/p99 of `Searcher.search_embeddings` over distinct random
-queries, with 1 and 2 torch threads. Batch 256: queries/s, and the FLOP/s that the W_C GEMM and the W_L
-shortlist products reach as a fraction of this machine's measured fp32 GEMM FLOP/s.
+queries, with 1 and 2 torch threads; then, at 1 thread, the same for a few (beam, shortlist) operating points
+with each point's R@100 against the exhaustive ELIAS top-100 (every cluster and label scored). Batch 256:
+queries/s, and the FLOP/s that the W_C GEMM and the W_L shortlist products reach as a fraction of this
+machine's measured fp32 GEMM FLOP/s.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ from elias_retrieval.synthetic import synthetic_queries, synthetic_tensors  # no
 SECTION = "## In-process search latency"
 # --quick: a few seconds, for the test suite; the numbers mean nothing.
 QUICK = {"labels": 10_000, "clusters": 128, "kappa": 100, "dim": 32, "shortlist": 500, "queries": 100, "batch": 32,
-         "batches": 2}
+         "batches": 2, "points": [(20, 500), (5, 200)], "recall_queries": 20}
+# (beam, shortlist) operating points timed at batch 1 with their recall against the exhaustive top-k.
+POINTS = [(20, 2000), (10, 1000), (5, 500), (5, 200)]
 
 
 def percentiles(ts: list[float]) -> tuple[float, float]:
@@ -92,12 +96,48 @@ def stage_times(t, embs: torch.Tensor, k: int, beam: int, K: int) -> dict[str, f
     return {name: float(np.median(v)) * 1e3 for name, v in times.items()}
 
 
+def parse_points(v: str) -> list[tuple[int, int]]:
+    """"20:2000,10:1000" -> [(20, 2000), (10, 1000)]."""
+    return [(int(b), int(k)) for b, k in (p.split(":") for p in v.split(","))]
+
+
+def operating_points(s: Searcher, points: list[tuple[int, int]], n_lat: int, n_rec: int, k: int) -> list[dict]:
+    """Batch-1 p50/p99 (1 thread) and R@k against the exhaustive ELIAS top-k, per (beam, shortlist)."""
+    from scale import exhaustive_topk, recall_at
+
+    t = s.tensors
+    rec_q = synthetic_queries(t, n_rec, seed=11)[0]
+    t0 = time.perf_counter()
+    exact = exhaustive_topk(rec_q, t, k)[0].numpy()
+    print(f"exhaustive top-{k} of {n_rec} queries in {time.perf_counter() - t0:.1f} s", flush=True)
+    lat_q = synthetic_queries(t, n_lat + 50, seed=12)[0].numpy()
+    out = []
+    for beam, K in points:
+        got = np.concatenate([s.search_embeddings(rec_q[i : i + 64].numpy(), k=k, beam_size=beam,
+                                                  shortlist_size=K).ids for i in range(0, n_rec, 64)])
+        for e in lat_q[:50]:
+            s.search_embeddings(e[None], k=k, beam_size=beam, shortlist_size=K)
+        ts = []
+        for e in lat_q[50:]:
+            t1 = time.perf_counter()
+            s.search_embeddings(e[None], k=k, beam_size=beam, shortlist_size=K)
+            ts.append(time.perf_counter() - t1)
+        p50, p99 = percentiles(ts)
+        out.append({"beam": beam, "shortlist": K, "p50": p50, "p99": p99, "recall": recall_at(got, exact)})
+        print(f"beam {beam}, shortlist {K}: p50 {p50:.3f} ms, p99 {p99:.3f} ms, R@{k} vs exhaustive "
+              f"{out[-1]['recall']:.4f}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_index_args(ap)
     ap.add_argument("--queries", type=int, default=2000, help="batch-1 queries timed per thread count")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--points", type=parse_points, default=POINTS,
+                    help="batch-1 operating points as beam:shortlist,... (default: %(default)s)")
+    ap.add_argument("--recall-queries", type=int, default=200, help="queries scored exhaustively for R@k")
     ap.add_argument("--quick", action="store_true", help=f"tiny sizes, a few seconds ({QUICK})")
     ap.add_argument("--benchmarks-file", type=Path, default=BENCHMARKS, help="where the table goes")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
@@ -129,6 +169,7 @@ def main() -> None:
         print(f"batch 1, {threads} thread(s): p50 {p50:.3f} ms, p99 {p99:.3f} ms", flush=True)
 
     torch.set_num_threads(1)
+    points = operating_points(s, args.points, min(args.queries, 500), args.recall_queries, args.k)
     stages = stage_times(t, synthetic_queries(t, min(args.queries, 500), seed=7)[0], args.k, args.beam,
                          args.shortlist)
     print("batch 1, 1 thread, median ms per step: " + ", ".join(f"{n} {v:.3f}" for n, v in stages.items()))
@@ -175,6 +216,12 @@ def main() -> None:
         lines.append(f"| 1 | {threads} | {p50:.3f} | {p99:.3f} | {1e3 / p50:,.0f} | |")
     lines.append(f"| {B} | 2 | | | {qps:,.0f} | {100 * frac:.0f}% (W_C {f_wc * n / t_wc / 1e9:.0f}, "
                  f"W_L {f_wl * n / t_wl / 1e9:.1f} of {peak / 1e9:.0f} GFLOP/s) |")
+    lines += ["", f"Batch-1 operating points, 1 thread: each (beam, shortlist)'s latency and its R@{args.k} against "
+              f"the exhaustive ELIAS top-{args.k} (every cluster and label scored; {args.recall_queries} queries).",
+              "", f"| beam | shortlist | p50 (ms) | p99 (ms) | R@{args.k} vs exhaustive |",
+              "| ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {p['beam']} | {p['shortlist']:,} | {p['p50']:.3f} | {p['p99']:.3f} | {p['recall']:.4f} |"
+              for p in points]
     wc_bytes = t.W_C.numel() * t.W_C.element_size()
     wl_bytes = args.shortlist * t.dim * t.W_L.element_size()
     p50_1t = rows[0][1] / 1e3

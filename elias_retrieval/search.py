@@ -24,6 +24,8 @@ _DENSE_LABELS_FACTOR = 4
 _DENSE_DEDUPE_FACTOR = 2
 _DENSE_DEDUPE_LABELS = 1 << 15
 _DENSE_DEDUPE_ELEMENTS = 1 << 23
+# The CPU scratch route prefilters a row's top m candidates only when the row has more than this many times m.
+_PREFILTER_FACTOR = 8
 
 
 @dataclass
@@ -174,27 +176,46 @@ def _scratch_rows(cand_ids: Tensor, score: Tensor, k: int, m: int, buf: Tensor) 
     B, N = cand_ids.shape
     pos = torch.zeros(B, k, dtype=torch.long)
     valid = torch.zeros(B, k, dtype=torch.bool)
-    rev = 0x7FFFFFFF - torch.arange(N, dtype=torch.long)
+    rev = _reversed_positions(N)
     for r in range(B):
-        width = min(max(m, k), N)
+        # A top-m prefilter pays only when it drops most candidates: labels sit in several beam rows of A, so a
+        # few times m candidates hold only about m distinct labels and the prefilter would have to widen.
+        width = N if _PREFILTER_FACTOR * m >= N else min(max(m, k), N)
         while True:
             if width < N:
                 top, top_pos = torch.topk(score[r], width, sorted=False)
+                ids, rev_pos = cand_ids[r].index_select(0, top_pos), rev.index_select(0, top_pos)
             else:
-                top, top_pos = score[r], torch.arange(N)
-            ids = cand_ids[r].index_select(0, top_pos)
-            key = ((top.clamp(min=0).view(torch.int32).long() & 0x7FFFFFFF) << 31) | rev.index_select(0, top_pos)
+                top, top_pos, ids, rev_pos = score[r], None, cand_ids[r], rev
+            key = ((top.clamp(min=0).view(torch.int32).long() & 0x7FFFFFFF) << 31) | rev_pos
             buf.scatter_reduce_(0, ids, key, "amax")
             keep = (buf.index_select(0, ids) == key) & (top >= 0)
             buf.index_fill_(0, ids, -1)
+            if width == N:
+                break
             distinct = int(keep.sum())
-            if width == N or distinct >= k:
+            if distinct >= k:
                 break
             width = min(N, max(2 * width, -(-width * k * 5 // (4 * max(distinct, 1)))))
+            if _PREFILTER_FACTOR * width >= N:
+                width = N
         vals, j = torch.topk(torch.where(keep, top, -1.0), k, sorted=False)
-        pos[r] = top_pos.index_select(0, j)
+        pos[r] = j if top_pos is None else top_pos.index_select(0, j)
         valid[r] = vals >= 0
     return pos, valid
+
+
+_rev_cache: list[Tensor] = [torch.zeros(0, dtype=torch.long)]
+
+
+def _reversed_positions(n: int) -> Tensor:
+    """0x7FFFFFFF - arange(n) (int64), kept for the next call: a search of the same shape reuses it."""
+    rev = _rev_cache[0]
+    if rev.shape[0] < n:
+        with torch.inference_mode(False):
+            rev = 0x7FFFFFFF - torch.arange(max(n, 2 * rev.shape[0]), dtype=torch.long)
+        _rev_cache[0] = rev  # a plain replace: concurrent readers keep the tensor they hold
+    return rev[:n]
 
 
 def _best_paths_sorted(cand_ids: Tensor, score: Tensor, k: int, m: int) -> tuple[Tensor, Tensor]:
@@ -257,9 +278,10 @@ def label_logits(emb: Tensor, ids: Tensor, W_L: Tensor, b_L: Tensor, W_L_scale: 
             if rows is not gathered:
                 rows.copy_(gathered)
             torch.mv(rows, emb[i], out=z[i])
+    flat = ids.reshape(-1)
     if W_L_scale is not None:
-        z = z * W_L_scale[ids]
-    return z + b_L[ids]
+        z = z * W_L_scale.index_select(0, flat).view_as(ids)
+    return z + b_L.index_select(0, flat).view_as(ids)
 
 
 def shortlist(

@@ -72,14 +72,15 @@ def params_from_proto(searcher: Searcher, p: pb.SearchParams) -> SearchParams:
 
 def result_to_proto(res: SearchResults, row: int) -> pb.SearchResult:
     out = pb.SearchResult(method=res.methods[row] if res.methods else "ELIAS")
-    ids, scores = res.ids[row], res.scores[row]
-    for j in range(len(res.label_ids[row])):
-        hit = out.hits.add(index=int(ids[j]), label_id=res.label_ids[row][j], name=res.label_names[row][j],
-                           score=float(scores[j]))
-        if res.cluster is not None:
-            hit.explanation.cluster = int(res.cluster[row, j])
-            hit.explanation.path_score = float(res.path[row, j])  # type: ignore[index]
-            hit.explanation.label_score = float(res.label_prob[row, j])  # type: ignore[index]
+    n = len(res.label_ids[row])
+    ids, scores = res.ids[row, :n].tolist(), res.scores[row, :n].tolist()  # Python scalars: 3x faster to copy
+    hits = [pb.Hit(index=i, label_id=lid, name=name, score=sc)
+            for i, lid, name, sc in zip(ids, res.label_ids[row], res.label_names[row], scores, strict=True)]
+    if res.cluster is not None:
+        for hit, c, p, q in zip(hits, res.cluster[row, :n].tolist(), res.path[row, :n].tolist(),  # type: ignore[index]
+                                res.label_prob[row, :n].tolist(), strict=True):  # type: ignore[index]
+            hit.explanation.cluster, hit.explanation.path_score, hit.explanation.label_score = c, p, q
+    out.hits.extend(hits)
     return out
 
 

@@ -50,17 +50,19 @@ def test_full_beam_and_shortlist_equal_exhaustive_scoring():
 
 
 def best_paths_by(route: str, ids: torch.Tensor, path: torch.Tensor, k: int, L: int) -> tuple[torch.Tensor, ...]:
-    """One of best_paths' three routes, called directly (best_paths picks one by L, N and the device)."""
+    """One of best_paths' routes, called directly (best_paths picks one by L, N and the device)."""
     score = path.masked_fill(ids == L, -1.0)
     k = min(k, ids.shape[1])
     if route == "dense":
         return _best_paths_dense(ids, score, min(k, L), L)
-    if route == "scratch":
+    if route == "scratch":  # prefilters the top 2 candidates, widens, then scatters all of them
         return _best_paths_scratch(ids, score, k, 2, L)
+    if route == "scratch-all":  # no prefilter: every candidate through the scratch buffer at once
+        return _best_paths_scratch(ids, score, k, ids.shape[1], L)
     return _best_paths_sorted(ids, score, k, 2)
 
 
-ROUTES = ["dense", "scratch", "sorted"]
+ROUTES = ["dense", "scratch", "scratch-all", "sorted"]
 
 
 @pytest.mark.parametrize("route", ROUTES)
