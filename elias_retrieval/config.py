@@ -92,7 +92,9 @@ class TrainConfig:
     holdout_max: int = 5000
     reranker: bool = True  # ELIAS++: train the sparse tf-idf re-ranker after stage 2
     reranker_c: float = 1.0
-    reranker_threshold: float = 0.1  # prune ranker weights below this magnitude
+    # Ranker weights below the threshold's magnitude are pruned: the dev split picks one of these thresholds
+    # together with the fusion weight (without a dev split: the largest, the smallest ranker).
+    reranker_thresholds: list[float] = field(default_factory=lambda: [0.05, 0.1])
     threads: int = 0  # torch intra-op threads (0 = torch's default)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
 
@@ -142,6 +144,8 @@ class EliasConfig:
         return cfg
 
     def _set(self, section: str, key: str, value: Any) -> None:
+        if (section, key) == ("train", "reranker_threshold"):  # the single threshold of older model directories
+            key, value = "reranker_thresholds", [value]
         sec = getattr(self, section, None)
         if sec is None or not dataclasses.is_dataclass(sec):
             raise ConfigError(f"unknown config section {section!r}")
@@ -162,4 +166,7 @@ class EliasConfig:
             value = str(value)
         elif isinstance(current, list) and not isinstance(value, list):
             raise ConfigError(f"{section}.{key} must be a list, got {value!r}")
+        if key == "reranker_thresholds" and (not value or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)):
+            raise ConfigError(f"{section}.{key} must be a non-empty list of numbers >= 0, got {value!r}")
         setattr(sec, key, value)

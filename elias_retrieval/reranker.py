@@ -40,6 +40,13 @@ class SparseRanker:
         m = np.asarray(S[rows, safe.ravel()]).reshape(ids.shape) + self.bias[safe]
         return np.where(ids >= 0, m, -np.inf).astype(np.float32)
 
+    def pruned(self, threshold: float) -> SparseRanker:
+        """A copy without the weights of magnitude below `threshold` (biases and fusion weight kept)."""
+        W = self.W.tocsr(copy=True)
+        W.data[np.abs(W.data) < threshold] = 0.0
+        W.eliminate_zeros()
+        return SparseRanker(W, self.bias.copy(), self.fusion_weight)
+
     @staticmethod
     def rank_score(margins: np.ndarray) -> np.ndarray:
         return np.exp(-np.maximum(0.0, 1.0 - margins) ** 3)

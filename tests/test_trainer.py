@@ -21,6 +21,7 @@ from elias_retrieval.config import EliasConfig
 from elias_retrieval.data import read_split
 from elias_retrieval.model import EliasModel
 from elias_retrieval.modeldir import load_model_dir
+from elias_retrieval.reranker import SparseRanker
 from trainer import train as train_module
 from trainer.clustering import balanced_clusters, pifa
 from trainer.graph_init import cluster_affinity, coverage, init_graph
@@ -337,6 +338,12 @@ def test_hold_out_splits_train_into_disjoint_seeded_parts(bibtex):
 def test_without_a_dev_split_model_selection_and_fusion_weight_use_a_holdout(e2e_model):
     meta = json.loads((e2e_model / "model.json").read_text())
     by_weight = meta["reranker"]["dev_P@5_by_fusion_weight"]  # Bibtex has no dev split
+    thr = meta["reranker"]["threshold"]
+    by_threshold = meta["reranker"]["dev_P@5_by_threshold"]
+    assert thr in EliasConfig().with_overrides(E2E).train.reranker_thresholds
+    assert by_threshold[str(thr)] == max(by_threshold.values()) == max(by_weight.values())
+    saved = SparseRanker.load(e2e_model / "ranker")
+    assert saved.W.nnz == meta["reranker"]["nnz"] and (np.abs(saved.W.data) >= thr).all()
     assert meta["reranker"]["fusion_weight"] == max(by_weight.values()) or \
         by_weight[str(meta["reranker"]["fusion_weight"])] == max(by_weight.values())
     history = [json.loads(x) for x in (e2e_model / "history.jsonl").read_text().splitlines()]

@@ -80,6 +80,9 @@ def train_ranker(
     return SparseRanker(W, bias)
 
 
+FUSION_WEIGHTS = (0.0, 0.2, 0.35, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 1.0)
+
+
 def choose_fusion_weight(
     ranker: SparseRanker,
     X_dev: sp.csr_matrix,
@@ -89,9 +92,9 @@ def choose_fusion_weight(
     label_counts: np.ndarray,
     num_train: int,
     metric: str = "P@5",
-    grid: tuple[float, ...] = (0.0, 0.2, 0.35, 0.5, 0.65, 0.8, 1.0),
+    grid: tuple[float, ...] = FUSION_WEIGHTS,
 ) -> tuple[float, dict[float, float]]:
-    """The fusion weight that maximises `metric` on the dev split."""
+    """The fusion weight that maximises `metric` on the dev split, and `metric` for each weight of `grid`."""
     margins = ranker.margins(X_dev, ids)
     results: dict[float, float] = {}
     for w in grid:
@@ -100,3 +103,28 @@ def choose_fusion_weight(
         results[w] = evaluate(np.take_along_axis(ids, order, 1), y_dev, label_counts, num_train)[metric]
     best = max(results, key=lambda w: results[w])
     return best, results
+
+
+def choose_pruning(
+    ranker: SparseRanker,
+    thresholds: list[float],
+    X_dev: sp.csr_matrix,
+    ids: np.ndarray,
+    scores: np.ndarray,
+    y_dev: sp.csr_matrix,
+    label_counts: np.ndarray,
+    num_train: int,
+    metric: str = "P@5",
+) -> tuple[float, float, dict[float, dict[float, float]]]:
+    """The pruning threshold and fusion weight that maximise `metric` on the dev split (ties: the larger
+    threshold, a smaller ranker), and `metric` per threshold and weight. `ranker` is fitted at the smallest."""
+    results: dict[float, dict[float, float]] = {}
+    best: tuple[float, float, float] | None = None
+    for thr in sorted(set(thresholds), reverse=True):
+        w, by_weight = choose_fusion_weight(ranker.pruned(thr), X_dev, ids, scores, y_dev, label_counts, num_train,
+                                            metric)
+        results[thr] = by_weight
+        if best is None or by_weight[w] > best[0]:
+            best = (by_weight[w], thr, w)
+    assert best is not None
+    return best[1], best[2], results

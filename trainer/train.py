@@ -28,7 +28,7 @@ from trainer import checkpoint
 from trainer.clustering import balanced_clusters, pifa
 from trainer.graph_init import cluster_affinity, init_graph
 from trainer.optim import RowAdam
-from trainer.reranker import choose_fusion_weight, train_ranker
+from trainer.reranker import choose_pruning, train_ranker
 
 console = Console(stderr=True)
 
@@ -347,38 +347,44 @@ class Trainer:
         progress_state["best_metric"] = best_metric
 
     def _train_reranker(self, data: TrainData) -> None:
-        """ELIAS++: fit the sparse ranker on the selected model's training shortlists; fusion weight from dev."""
+        """ELIAS++: fit the sparse ranker on the selected model's training shortlists; its pruning threshold and
+        fusion weight from dev."""
         t0 = time.perf_counter()
         cfg, t = self.cfg, self.cfg.train
         best = load_model_dir(self.out_dir, self.device)
         enc, tensors = best.model.encoder, best.model.search_tensors()
         beam, K = cfg.model.beam_size, cfg.model.shortlist_size
         ids, _ = predict(enc, tensors, data.train, 100, beam, K, t.eval_batch_size, self.progress)
-        ranker = train_ranker(data.X_train, data.Y_train, ids, t.reranker_c, t.reranker_threshold,
-                              n_jobs=max(1, t.threads or torch.get_num_threads()), progress=self.progress,
-                              seed=t.seed)
-        report: dict[str, Any] = {"nnz": int(ranker.W.nnz)}
+        n_jobs = max(1, t.threads or torch.get_num_threads())
+        floor = min(t.reranker_thresholds)  # fitted once, keeping every weight any threshold could keep
+        ranker = train_ranker(data.X_train, data.Y_train, ids, t.reranker_c, floor, n_jobs=n_jobs,
+                              progress=self.progress, seed=t.seed)
+        threshold = max(t.reranker_thresholds)
+        report: dict[str, Any] = {}
         if data.dev is not None:
             dev_ids, dev_scores = predict(enc, tensors, data.dev, 100, beam, K, t.eval_batch_size)
             X_dev = self.featurizer.transform(data.dev)
-            weight, by_weight = choose_fusion_weight(
-                ranker, X_dev, dev_ids, dev_scores, data.dev.labels, data.label_counts, len(data.train),
-                t.select_metric)
-            report["dev_" + t.select_metric + "_by_fusion_weight"] = {str(k): v for k, v in by_weight.items()}
-            if data.dev_is_holdout:  # the weight is chosen; the held-out points now train the ranker too
+            threshold, weight, by_threshold = choose_pruning(
+                ranker, t.reranker_thresholds, X_dev, dev_ids, dev_scores, data.dev.labels, data.label_counts,
+                len(data.train), t.select_metric)
+            report["dev_" + t.select_metric + "_by_fusion_weight"] = {
+                str(k): v for k, v in by_threshold[threshold].items()}
+            report["dev_" + t.select_metric + "_by_threshold"] = {
+                str(thr): max(by_w.values()) for thr, by_w in by_threshold.items()}
+            if data.dev_is_holdout:  # the settings are chosen; the held-out points now train the ranker too
                 ranker = train_ranker(sp.vstack([data.X_train, X_dev], format="csr"),
                                       sp.vstack([data.Y_train, data.dev.known_labels()], format="csr"),
-                                      np.concatenate([ids, dev_ids]), t.reranker_c, t.reranker_threshold,
-                                      n_jobs=max(1, t.threads or torch.get_num_threads()), progress=self.progress,
-                                      seed=t.seed)
-                report["nnz"] = int(ranker.W.nnz)
+                                      np.concatenate([ids, dev_ids]), t.reranker_c, floor, n_jobs=n_jobs,
+                                      progress=self.progress, seed=t.seed)
             ranker.fusion_weight = weight
+        ranker = ranker.pruned(threshold)
+        report.update(nnz=int(ranker.W.nnz), threshold=threshold)
         with atomic_dir(self.out_dir / "ranker") as tmp:
             ranker.save(tmp)
         self.timings["reranker_s"] = time.perf_counter() - t0
         report["fusion_weight"] = ranker.fusion_weight
-        _log(f"ELIAS++ ranker: {ranker.W.nnz:,} weights, fusion weight {ranker.fusion_weight} "
-             f"({self.timings['reranker_s']:.1f} s)", self.progress)
+        _log(f"ELIAS++ ranker: {ranker.W.nnz:,} weights (pruned below {threshold:g}), fusion weight "
+             f"{ranker.fusion_weight} ({self.timings['reranker_s']:.1f} s)", self.progress)
         meta_path = self.out_dir / "model.json"
         meta = json.loads(meta_path.read_text())
         meta["reranker"] = report
