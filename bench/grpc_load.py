@@ -45,6 +45,7 @@ from report import (  # noqa: E402
     machine,
     machine_ceiling,
     parse_args,
+    percentiles,
     today,
     write_section,
 )
@@ -383,7 +384,6 @@ def main() -> None:
         return
 
     import torch
-    from search_latency import percentiles
 
     from elias_retrieval.synthetic import synthetic_queries
 

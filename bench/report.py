@@ -1,5 +1,5 @@
-"""Shared pieces of the benchmark scripts: the machine line and its measured ceiling, the command, --quick sizes and
-replacing one section of BENCHMARKS.md."""
+"""Shared pieces of the benchmark scripts: the machine line and its measured ceiling, batch-1 timing and its
+percentiles, the command, --quick sizes and replacing one section of BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import date
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from elias_retrieval.atomic import write_text
 
@@ -37,6 +39,24 @@ def machine() -> str:
     isa = torch.backends.cpu.get_cpu_capability()
     return (f"{model} ({isa}{', L3 ' + l3.group(1) if l3 else ''}), {os.cpu_count()} cores, 1-min load average "
             f"{os.getloadavg()[0]:.2f} before the run")
+
+
+def time_each(fn: Callable[[np.ndarray], Any], queries: np.ndarray, warm: int) -> list[float]:
+    """Seconds of `fn` on each query as a batch of one, after `warm` untimed calls on the first queries."""
+    for q in queries[:warm]:
+        fn(q[None])
+    ts = []
+    for q in queries[warm:]:
+        t0 = time.perf_counter()
+        fn(q[None])
+        ts.append(time.perf_counter() - t0)
+    return ts
+
+
+def percentiles(ts: Sequence[float]) -> tuple[float, float]:
+    """p50 and p99 in milliseconds of durations in seconds."""
+    a = np.asarray(ts) * 1e3
+    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
 
 
 def _best_time(fn: Callable[[], object], reps: int) -> float:

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,8 @@ from report import (  # noqa: E402
     machine,
     machine_ceiling,
     parse_args,
+    percentiles,
+    time_each,
     today,
     write_section,
 )
@@ -68,12 +70,6 @@ _PROBE = "_probe"  # argv[1] of the child processes
 # --quick: a few seconds, for the test suite; the numbers mean nothing.
 QUICK = {"labels": "2000,5000", "kappa": 100, "dim": 32, "beam": 4, "shortlist": 200, "queries": 50,
          "recall_queries": 20, "batch": 32, "batches": 2, "ef_construction": 40, "max_ef": 800}
-
-
-def percentiles(ts: Sequence[float]) -> tuple[float, float]:
-    """p50 and p99 in milliseconds of durations in seconds."""
-    a = np.asarray(ts) * 1e3
-    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
 
 
 def recall_at(got: np.ndarray, ref: np.ndarray) -> float:
@@ -141,17 +137,6 @@ def ef_schedule(k: int, max_ef: int) -> list[int]:
     return out
 
 
-def _time_each(fn: Callable[[np.ndarray], Any], queries: np.ndarray, warm: int) -> list[float]:
-    for q in queries[:warm]:
-        fn(q[None])
-    ts = []
-    for q in queries[warm:]:
-        t0 = time.perf_counter()
-        fn(q[None])
-        ts.append(time.perf_counter() - t0)
-    return ts
-
-
 def _qps(fn: Callable[[np.ndarray], Any], queries: np.ndarray, batch: int) -> float:
     fn(queries[:batch])  # warm
     n = (len(queries) // batch - 1) * batch
@@ -207,7 +192,7 @@ def probe_elias(spec: dict[str, Any]) -> dict[str, Any]:
     def one(e: np.ndarray) -> Any:
         return s.search_embeddings(e)
 
-    ts = _time_each(one, q["lat"], spec["warm"])
+    ts = time_each(one, q["lat"], spec["warm"])
     rss = proc.memory_info().rss - rss0  # after open and the batch-1 searches
     torch.set_num_threads(spec["batch_threads"])
     qps = _qps(one, q["batch"], spec["batch"])
@@ -272,7 +257,7 @@ def probe_hnsw(spec: dict[str, Any]) -> dict[str, Any]:
         def one(e: np.ndarray, ef: int = ef) -> Any:
             return ann.search(e, k, ef_search=ef)
 
-        ts = _time_each(one, q["lat"], spec["warm"])
+        ts = time_each(one, q["lat"], spec["warm"])
         ndis = stats.ndis / max(1, len(q["lat"]))  # distance computations per query
         ann.threads = spec["batch_threads"]
         qps = _qps(one, q["batch"], spec["batch"])

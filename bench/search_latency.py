@@ -32,6 +32,8 @@ from report import (  # noqa: E402
     machine,
     machine_ceiling,
     parse_args,
+    percentiles,
+    time_each,
     today,
     write_section,
 )
@@ -46,11 +48,6 @@ QUICK = {"labels": 10_000, "clusters": 128, "kappa": 100, "dim": 32, "shortlist"
          "batches": 2, "points": [(20, 500), (5, 200)], "recall_queries": 20}
 # (beam, shortlist) operating points timed at batch 1 with their recall against the exhaustive top-k.
 POINTS = [(20, 2000), (10, 1000), (5, 500), (5, 200)]
-
-
-def percentiles(ts: list[float]) -> tuple[float, float]:
-    a = np.sort(np.asarray(ts)) * 1e3
-    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
 
 
 def gemm_peak(dim: int, C: int, batch: int = 256, reps: int = 10) -> float:
@@ -115,14 +112,8 @@ def operating_points(s: Searcher, points: list[tuple[int, int]], n_lat: int, n_r
     for beam, K in points:
         got = np.concatenate([s.search_embeddings(rec_q[i : i + 64].numpy(), k=k, beam_size=beam,
                                                   shortlist_size=K).ids for i in range(0, n_rec, 64)])
-        for e in lat_q[:50]:
-            s.search_embeddings(e[None], k=k, beam_size=beam, shortlist_size=K)
-        ts = []
-        for e in lat_q[50:]:
-            t1 = time.perf_counter()
-            s.search_embeddings(e[None], k=k, beam_size=beam, shortlist_size=K)
-            ts.append(time.perf_counter() - t1)
-        p50, p99 = percentiles(ts)
+        p50, p99 = percentiles(time_each(
+            lambda q, beam=beam, K=K: s.search_embeddings(q, k=k, beam_size=beam, shortlist_size=K), lat_q, 50))
         out.append({"beam": beam, "shortlist": K, "p50": p50, "p99": p99, "recall": recall_at(got, exact)})
         print(f"beam {beam}, shortlist {K}: p50 {p50:.3f} ms, p99 {p99:.3f} ms, R@{k} vs exhaustive "
               f"{out[-1]['recall']:.4f}", flush=True)
@@ -157,14 +148,7 @@ def main() -> None:
     for threads in (1, 2):
         torch.set_num_threads(threads)
         embs = synthetic_queries(t, args.queries + 50, seed=threads)[0].numpy()  # each near a label
-        for e in embs[:50]:
-            s.search_embeddings(e[None])
-        ts = []
-        for e in embs[50:]:
-            t1 = time.perf_counter()
-            s.search_embeddings(e[None])
-            ts.append(time.perf_counter() - t1)
-        p50, p99 = percentiles(ts)
+        p50, p99 = percentiles(time_each(s.search_embeddings, embs, 50))
         rows.append((threads, p50, p99))
         print(f"batch 1, {threads} thread(s): p50 {p50:.3f} ms, p99 {p99:.3f} ms", flush=True)
 

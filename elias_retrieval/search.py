@@ -177,10 +177,14 @@ def _scratch_rows(cand_ids: Tensor, score: Tensor, k: int, m: int, buf: Tensor) 
     pos = torch.zeros(B, k, dtype=torch.long)
     valid = torch.zeros(B, k, dtype=torch.bool)
     rev = _reversed_positions(N)
-    for r in range(B):
+
+    def prefilter(width: int) -> int:
         # A top-m prefilter pays only when it drops most candidates: labels sit in several beam rows of A, so a
         # few times m candidates hold only about m distinct labels and the prefilter would have to widen.
-        width = N if _PREFILTER_FACTOR * m >= N else min(max(m, k), N)
+        return N if _PREFILTER_FACTOR * width >= N else width
+
+    for r in range(B):
+        width = min(max(prefilter(m), k), N)
         while True:
             if width < N:
                 top, top_pos = torch.topk(score[r], width, sorted=False)
@@ -196,9 +200,7 @@ def _scratch_rows(cand_ids: Tensor, score: Tensor, k: int, m: int, buf: Tensor) 
             distinct = int(keep.sum())
             if distinct >= k:
                 break
-            width = min(N, max(2 * width, -(-width * k * 5 // (4 * max(distinct, 1)))))
-            if _PREFILTER_FACTOR * width >= N:
-                width = N
+            width = prefilter(min(N, max(2 * width, -(-width * k * 5 // (4 * max(distinct, 1))))))
         vals, j = torch.topk(torch.where(keep, top, -1.0), k, sorted=False)
         pos[r] = j if top_pos is None else top_pos.index_select(0, j)
         valid[r] = vals >= 0
