@@ -157,7 +157,7 @@ def size_and_load(args: argparse.Namespace) -> None:
     rest8 = total8 - wl8
     limit8 = 0.55 * wl16 + rest8
     lines = [
-        f"Synthetic index (`elias_retrieval.synthetic`): L = {args.labels:,}, C = {f16['W_C'] // (4 * args.dim):,}, "
+        f"Synthetic index (`elias_retrieval.synthetic`): L = {args.labels:,}, C = {f16['W_C'] // (2 * args.dim):,}, "
         f"kappa = {args.kappa}, d = {args.dim}, no encoder (embedding queries). Search defaults k = 100, "
         f"beam = {args.beam}, K = {args.shortlist}; torch threads = {args.threads}. Machine: {desc}. "
         f"Date: {today()}. Command: `{command_line()}`.",

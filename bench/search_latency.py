@@ -38,7 +38,14 @@ from report import (  # noqa: E402
     write_section,
 )
 
-from elias_retrieval.search import best_paths, cluster_scores, expand, label_logits, shortlist  # noqa: E402
+from elias_retrieval.search import (  # noqa: E402
+    best_paths,
+    cluster_logits,
+    cluster_scores,
+    expand,
+    label_logits,
+    shortlist,
+)
 from elias_retrieval.searcher import Searcher  # noqa: E402
 from elias_retrieval.synthetic import synthetic_queries, synthetic_tensors  # noqa: E402
 
@@ -73,7 +80,7 @@ def stage_times(t, embs: torch.Tensor, k: int, beam: int, K: int) -> dict[str, f
     for e in embs:
         e = e[None]
         t0 = time.perf_counter()
-        logits = torch.addmm(t.b_C, e, t.W_C.T)
+        logits = cluster_logits(e, t)
         t1 = time.perf_counter()
         sc = cluster_scores(logits, t.alpha)
         clusters = torch.topk(sc, beam, dim=1).indices
@@ -171,7 +178,7 @@ def main() -> None:
     with torch.inference_mode():
         for e in embs[1:]:
             t1 = time.perf_counter()
-            logits = torch.addmm(t.b_C, e, t.W_C.T)
+            logits = cluster_logits(e, t)
             t_wc += time.perf_counter() - t1
             ids, _, _, valid = shortlist(cluster_scores(logits, t.alpha), t.A_ids, t.A_weights, args.beam,
                                          args.shortlist, t.num_labels)

@@ -41,7 +41,9 @@ if TYPE_CHECKING:
     from elias_retrieval.reranker import SparseRanker
 
 FORMAT_NAME = "elias-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions this reader opens: 1 stored W_C in fp32 always; 2 stores it in fp16 beside an fp16 or int8 W_L.
+READABLE_VERSIONS = (1, 2)
 
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
@@ -52,6 +54,8 @@ FEATURIZER_DIR = "featurizer"
 ENCODER_FEATURIZER = f"{ENCODER_DIR}/featurizer"  # a tf-idf encoder's own featurizer
 
 LABEL_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
+# W_C's storage for each W_L storage: a compact index keeps W_C in fp16 too (search multiplies it in fp32).
+CLUSTER_DTYPES = {"fp32": "fp32", "fp16": "fp16", "int8": "fp16"}
 # safetensors dtype codes <-> torch dtypes (only those an index uses).
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64}
 _ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
@@ -61,7 +65,7 @@ _MAX_HEADER = 100 << 20
 _CHUNK = 16 << 20
 # Manifest keys written by this module; `meta` passed to write_index may not override them.
 _RESERVED = ("format", "version", "created", "index_version", "model", "defaults", "encoder", "label_weights",
-             "tensors", "files", "reranker")
+             "cluster_weights", "tensors", "files", "reranker")
 
 
 class IndexFormatError(ValueError):
@@ -155,7 +159,8 @@ def write_index(
     """Write an index directory at `out` atomically: a killed write leaves any previous `out` as it was.
 
     `tensors.A_weights` must already be normalised (pad slots 0, pad id = L). `dtype` (fp32|fp16|int8) is
-    the storage of W_L; everything else is stored in fp32 (A_ids in int32). `meta` entries (e.g. `config`,
+    the storage of W_L; W_C is stored in fp16 beside a compact W_L (CLUSTER_DTYPES), everything else in fp32
+    (A_ids in int32). `meta` entries (e.g. `config`,
     `num_train`, `source`) are added to the manifest as they are. `ranker_dir` (a `SparseRanker.save`
     directory) adds the ELIAS++ re-ranker, with its tf-idf featurizer copied from `featurizer_dir`, or, when
     that is None, the tf-idf encoder's own (`encoder/featurizer`).
@@ -224,6 +229,7 @@ def write_index(
             "defaults": {k: int(defaults[k]) for k in ("k", "beam_size", "shortlist_size")},
             "encoder": encoder_kind,
             "label_weights": dtype,
+            "cluster_weights": CLUSTER_DTYPES[dtype],
             "tensors": {n: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
                         for n, t in arrays.items()},
             "files": files,
@@ -274,7 +280,8 @@ def _stored_tensors(
             raise ValueError(f"train_label_counts has shape {tuple(counts.shape)}, expected ({L},)")
         arrays["train_label_counts"] = counts.detach().cpu().to(torch.int64)
     arrays.update(
-        W_C=t.W_C.detach().cpu().float(), b_C=t.b_C.detach().cpu().float(), A_ids=A_ids.to(torch.int32),
+        W_C=t.W_C.detach().cpu().to(LABEL_DTYPES[CLUSTER_DTYPES[dtype]]), b_C=t.b_C.detach().cpu().float(),
+        A_ids=A_ids.to(torch.int32),
         A_weights=A_w, b_L=t.b_L.detach().cpu().float(),
     )
     if dtype == "int8":
@@ -423,14 +430,16 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise IndexFormatError(f"{p}: not an {FORMAT_NAME} manifest (format {manifest.get('format')!r})"
                                if isinstance(manifest, dict) else f"{p}: not a JSON object")
-    if manifest.get("version") != FORMAT_VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise IndexFormatError(f"{p}: unknown format version {manifest.get('version')!r} "
-                               f"(this reader knows version {FORMAT_VERSION})")
+                               f"(this reader knows versions {', '.join(map(str, READABLE_VERSIONS))})")
     for key in ("model", "defaults", "label_weights", "tensors", "files"):
         if key not in manifest:
             raise IndexFormatError(f"{p}: no {key!r} entry")
     if manifest["label_weights"] not in LABEL_DTYPES:
         raise IndexFormatError(f"{p}: unknown label_weights dtype {manifest['label_weights']!r}")
+    if manifest.setdefault("cluster_weights", "fp32") not in ("fp32", "fp16"):
+        raise IndexFormatError(f"{p}: unknown cluster_weights dtype {manifest['cluster_weights']!r}")
     reranker = manifest.get("reranker")
     if reranker is not None:
         feat = reranker.get("featurizer") if isinstance(reranker, dict) else None
@@ -462,8 +471,9 @@ def read_index(path: str | Path, device: str | torch.device = "cpu", verify: boo
     m = manifest["model"]
     L, C, kappa, d = (int(m[k]) for k in ("num_labels", "num_clusters", "kappa", "dim"))
     wl = str(LABEL_DTYPES[manifest["label_weights"]]).removeprefix("torch.")
+    wc = str(LABEL_DTYPES[manifest["cluster_weights"]]).removeprefix("torch.")
     expect = {
-        "W_C": ("float32", [C, d]), "b_C": ("float32", [C]), "A_ids": ("int32", [C, kappa]),
+        "W_C": (wc, [C, d]), "b_C": ("float32", [C]), "A_ids": ("int32", [C, kappa]),
         "A_weights": ("float32", [C, kappa]), "W_L": (wl, [L, d]), "b_L": ("float32", [L]),
     }
     if manifest["label_weights"] == "int8":
@@ -662,6 +672,7 @@ def drop_page_cache(path: str | Path) -> None:
 
 
 __all__ = [
-    "FORMAT_NAME", "FORMAT_VERSION", "Index", "IndexFormatError", "drop_page_cache", "index_size", "is_index_dir",
-    "quantize_int8", "read_index", "read_manifest", "verify_index", "write_index",
+    "CLUSTER_DTYPES", "FORMAT_NAME", "FORMAT_VERSION", "READABLE_VERSIONS", "Index", "IndexFormatError",
+    "drop_page_cache", "index_size", "is_index_dir", "quantize_int8", "read_index", "read_manifest", "verify_index",
+    "write_index",
 ]

@@ -12,7 +12,9 @@ The same functions serve training (with teacher forcing and gradients), offline 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,7 +34,7 @@ _PREFILTER_FACTOR = 8
 class SearchTensors:
     """Everything the search reads. `A_weights` are already normalised (pad slots 0, pad id = L)."""
 
-    W_C: Tensor  # (C, d) float32
+    W_C: Tensor  # (C, d) float32 | float16
     b_C: Tensor  # (C,)
     A_ids: Tensor  # (C, kappa) int64, pad = L
     A_weights: Tensor  # (C, kappa) float32 in [0, 1]
@@ -40,6 +42,7 @@ class SearchTensors:
     b_L: Tensor  # (L,) float32
     alpha: float
     W_L_scale: Tensor | None = None  # (L,) float32, only for int8 W_L
+    W_C_packed: Any = None  # fp16 W_C and b_C packed for fbgemm (CPU; see pack_cluster_weights)
 
     @property
     def num_labels(self) -> int:
@@ -59,8 +62,33 @@ class SearchTensors:
 
         return SearchTensors(
             mv(self.W_C), mv(self.b_C), mv(self.A_ids), mv(self.A_weights), mv(self.W_L), mv(self.b_L),
-            self.alpha, mv(self.W_L_scale),
+            self.alpha, mv(self.W_L_scale), self.W_C_packed if torch.device(device).type == "cpu" else None,
         )  # type: ignore[arg-type]
+
+
+def pack_cluster_weights(W_C: Tensor, b_C: Tensor) -> Any:
+    """fp16 W_C (and b_C) packed for fbgemm's fp16 GEMM, or None where this torch build has no fbgemm.
+
+    fbgemm keeps the weights in fp16 and multiplies in fp32 (exact for stored fp16 weights, up to summation
+    order): it reads half the bytes of an fp32 product, which is what bounds the CPU at small batches.
+    """
+    if W_C.dtype != torch.float16 or W_C.device.type != "cpu":
+        return None
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return None
+    try:
+        return torch.ops.quantized.linear_prepack_fp16(W_C.float(), b_C.float())
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def cluster_logits(emb: Tensor, t: SearchTensors) -> Tensor:
+    """W_C phi + b_C in fp32 for a (B, d) fp32 batch: fbgemm's packed fp16 W_C where prepared, W_C's own
+    precision on CUDA, and an fp32 product otherwise (a half W_C without packing is widened per call)."""
+    if t.W_C_packed is not None and not emb.is_cuda:
+        return torch.ops.quantized.linear_dynamic_fp16(emb, t.W_C_packed)
+    W_C = t.W_C.float() if t.W_C.dtype != torch.float32 and not emb.is_cuda else t.W_C
+    return torch.addmm(t.b_C.to(W_C.dtype), emb.to(W_C.dtype), W_C.T).float()
 
 
 @dataclass
@@ -177,6 +205,7 @@ def _scratch_rows(cand_ids: Tensor, score: Tensor, k: int, m: int, buf: Tensor) 
     pos = torch.zeros(B, k, dtype=torch.long)
     valid = torch.zeros(B, k, dtype=torch.bool)
     rev = _reversed_positions(N)
+    minus_one = _minus_ones(N)
 
     def prefilter(width: int) -> int:
         # A top-m prefilter pays only when it drops most candidates: labels sit in several beam rows of A, so a
@@ -194,7 +223,7 @@ def _scratch_rows(cand_ids: Tensor, score: Tensor, k: int, m: int, buf: Tensor) 
             key = ((top.clamp(min=0).view(torch.int32).long() & 0x7FFFFFFF) << 31) | rev_pos
             buf.scatter_reduce_(0, ids, key, "amax")
             keep = (buf.index_select(0, ids) == key) & (top >= 0)
-            buf.index_fill_(0, ids, -1)
+            buf.scatter_(0, ids, minus_one[: ids.shape[0]])  # the reset; 2x faster than index_fill_
             if width == N:
                 break
             distinct = int(keep.sum())
@@ -207,17 +236,27 @@ def _scratch_rows(cand_ids: Tensor, score: Tensor, k: int, m: int, buf: Tensor) 
     return pos, valid
 
 
-_rev_cache: list[Tensor] = [torch.zeros(0, dtype=torch.long)]
+_constants: dict[str, Tensor] = {"rev": torch.zeros(0, dtype=torch.long), "minus_one": torch.zeros(0, dtype=torch.long)}
+
+
+def _constant(name: str, n: int, make: Callable[[int], Tensor]) -> Tensor:
+    """The first n entries of a cached int64 constant vector, grown (doubling) when too short."""
+    t = _constants[name]
+    if t.shape[0] < n:
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            t = make(max(n, 2 * t.shape[0]))
+        _constants[name] = t  # a plain replace: concurrent readers keep the tensor they hold
+    return t[:n]
 
 
 def _reversed_positions(n: int) -> Tensor:
     """0x7FFFFFFF - arange(n) (int64), kept for the next call: a search of the same shape reuses it."""
-    rev = _rev_cache[0]
-    if rev.shape[0] < n:
-        with torch.inference_mode(False):
-            rev = 0x7FFFFFFF - torch.arange(max(n, 2 * rev.shape[0]), dtype=torch.long)
-        _rev_cache[0] = rev  # a plain replace: concurrent readers keep the tensor they hold
-    return rev[:n]
+    return _constant("rev", n, lambda m: 0x7FFFFFFF - torch.arange(m, dtype=torch.long))
+
+
+def _minus_ones(n: int) -> Tensor:
+    """A contiguous int64 vector of n -1s (scatter_ from it is faster than from an expanded scalar)."""
+    return _constant("minus_one", n, lambda m: torch.full((m,), -1, dtype=torch.long))
 
 
 def _best_paths_sorted(cand_ids: Tensor, score: Tensor, k: int, m: int) -> tuple[Tensor, Tensor]:
@@ -327,9 +366,9 @@ def search(
     """The five steps for a batch of query embeddings `emb` (B, d). Plain arrays in, plain arrays out."""
     emb = emb.to(t.W_C.device, torch.float32)
     # W_C and W_L may be stored in half precision: on CUDA the products run in it; on the CPU (slow half
-    # GEMM) keep W_C in fp32 and convert only the shortlisted W_L rows.
+    # GEMM) W_C goes through fbgemm's fp16-in, fp32-out product and only the shortlisted W_L rows are converted.
     half = emb.is_cuda and t.W_L.dtype in (torch.float16, torch.bfloat16)
-    s = cluster_scores(torch.addmm(t.b_C.to(t.W_C.dtype), emb.to(t.W_C.dtype), t.W_C.T).float(), t.alpha)
+    s = cluster_scores(cluster_logits(emb, t), t.alpha)
     L = t.num_labels
     ids, path, cluster, valid = shortlist(s, t.A_ids, t.A_weights, beam_size, max(shortlist_size, k), L)
     safe_ids = torch.where(valid, ids, torch.zeros_like(ids)).clamp_(max=L - 1)

@@ -47,7 +47,8 @@ def synthetic_tensors(
     noise: float = 0.5,
     dtype: str = "fp16",
 ) -> SearchTensors:
-    """Search tensors for `num_labels` labels (A_ids int64, A_weights normalised, W_L in `dtype`: fp32|fp16).
+    """Search tensors for `num_labels` labels (A_ids int64, A_weights normalised, W_L and W_C in `dtype`:
+    fp32|fp16, as an index built with that dtype stores them).
 
     `noise` is the spread of a label's classifier around its centroid (0 = on it); at 0.5 a label's cosine
     to its own centroid is about 0.9 and to a sibling label about 0.8.
@@ -60,7 +61,8 @@ def synthetic_tensors(
     centroids = F.normalize(0.65 * groups.repeat_interleave(_GROUP, 0)[:C] + F.normalize(
         torch.randn(C, d, generator=g), dim=1), dim=1)
     cluster = cluster_of_labels(L, C, seed)
-    W_L = _label_vectors(centroids, cluster, noise, g, {"fp32": torch.float32, "fp16": torch.float16}[dtype])
+    storage = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+    W_L = _label_vectors(centroids, cluster, noise, g, storage)
     # Labels sorted by cluster: cluster c's members, then c+1's, ... Row c takes kappa consecutive entries
     # starting at its own block (wrapping around), so it holds its members, then its neighbours'.
     order = torch.sort(cluster, stable=True).indices
@@ -72,7 +74,7 @@ def synthetic_tensors(
     hop = (cluster[A_ids] - torch.arange(C).unsqueeze(1)).remainder_(C)
     A_weights = torch.where(hop == 0, torch.ones(()), 0.5 * 0.8 ** (hop.float() - 1))
     return SearchTensors(
-        W_C=centroids * _CLUSTER_SCALE,
+        W_C=(centroids * _CLUSTER_SCALE).to(storage),
         b_C=torch.zeros(C),
         A_ids=A_ids,
         A_weights=A_weights.float(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -150,8 +151,9 @@ def test_cli_build_info_verify(model_dir: Path, tmp_path: Path):
     assert m["pruning"]["kappa_requested"] == 5 and m["model"]["kappa"] == m["pruning"]["kappa_after"]
     r = runner.invoke(app, ["index", "info", str(out)])
     assert r.exit_code == 0, r.output
-    for text in ("elias-index v1", "int8", "W_L_scale", "labels.jsonl", "encoder/encoder.json", "tfidf"):
+    for text in ("elias-index v2", "int8", "W_L_scale", "labels.jsonl", "encoder/encoder.json", "tfidf"):
         assert text in r.output
+    assert re.search(r"cluster weights W_C\W+fp16", r.output)  # int8 W_L: W_C stored in fp16
     r = runner.invoke(app, ["index", "verify", str(out)])
     assert r.exit_code == 0 and r.output.startswith("ok:"), r.output
     (out / "labels.jsonl").write_text("")

@@ -166,8 +166,8 @@ def edit_manifest(index_dir: Path, edit) -> None:
 
 
 def test_unknown_version_is_refused(index_dir: Path):
-    edit_manifest(index_dir, lambda m: m.update(version=2))
-    with pytest.raises(IndexFormatError, match="manifest.json: unknown format version 2"):
+    edit_manifest(index_dir, lambda m: m.update(version=3))
+    with pytest.raises(IndexFormatError, match="manifest.json: unknown format version 3"):
         read_index(index_dir)
 
 
@@ -288,3 +288,22 @@ def _umask() -> int:
     u = os.umask(0)
     os.umask(u)
     return u
+
+
+@pytest.mark.parametrize(("dtype", "cluster"),
+                         [("fp32", torch.float32), ("fp16", torch.float16), ("int8", torch.float16)])
+def test_cluster_weights_are_stored_in_fp16_beside_a_compact_label_storage(tmp_path: Path, small, dtype, cluster):
+    out = tmp_path / dtype
+    fmt.write_index(out, small, vocab(small.num_labels), None, dtype=dtype, defaults=DEFAULTS, meta={})
+    ix = read_index(out)
+    assert ix.tensors.W_C.dtype == cluster and ix.manifest["cluster_weights"] == fmt.CLUSTER_DTYPES[dtype]
+    torch.testing.assert_close(ix.tensors.W_C.float(), small.W_C.to(cluster).float(), atol=0, rtol=0)
+
+
+def test_version_1_index_still_opens(tmp_path: Path, small):
+    # Version 1 had no cluster_weights key and stored W_C in fp32 always.
+    out = tmp_path / "v1"
+    fmt.write_index(out, small, vocab(small.num_labels), None, dtype="fp32", defaults=DEFAULTS, meta={})
+    edit_manifest(out, lambda m: (m.update(version=1), m.pop("cluster_weights")))
+    ix = read_index(out)
+    assert ix.tensors.W_C.dtype == torch.float32 and ix.manifest["cluster_weights"] == "fp32"

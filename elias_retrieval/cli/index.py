@@ -45,7 +45,8 @@ def build_index_cmd(
     model = m["model"]
     console.print(f"index written to [bold]{out}[/] in {time.perf_counter() - t0:.1f} s: {_human(total)}, "
                   f"{model['num_labels']:,} labels, {model['num_clusters']:,} clusters, kappa {model['kappa']}, "
-                  f"W_L {m['label_weights']}, version {m['index_version']}", highlight=False)
+                  f"W_L {m['label_weights']}, W_C {m['cluster_weights']}, version {m['index_version']}",
+                  highlight=False)
     if m.get("reranker"):
         r = m["reranker"]
         console.print(f"ELIAS++ re-ranker: {r['nnz']:,} weights, fusion weight {r['fusion_weight']}, "
@@ -80,6 +81,7 @@ def info(index_dir: Annotated[Path, typer.Argument(help="An index directory.")])
         ("defaults", f"k {defaults['k']}, beam {defaults['beam_size']}, shortlist K {defaults['shortlist_size']}"),
         ("encoder", str(m.get("encoder") or "none (embedding queries only)")),
         ("label weights W_L", m["label_weights"]),
+        ("cluster weights W_C", m["cluster_weights"]),
         ("re-ranker", f"ELIAS++, {m['reranker']['nnz']:,} weights, fusion weight {m['reranker']['fusion_weight']}"
          if m.get("reranker") else "none (plain ELIAS)"),
     ]
