@@ -53,6 +53,24 @@ def time_each(fn: Callable[[np.ndarray], Any], queries: np.ndarray, warm: int) -
     return ts
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[np.ndarray], Any]], queries: np.ndarray, warm: int
+) -> dict[str, list[float]]:
+    """`time_each` for several variants at once: every query goes through each of them, in an order that rotates
+    from query to query, so that a slow spell of a noisy machine falls on all of them alike."""
+    names = list(fns)
+    for q in queries[:warm]:
+        for name in names:
+            fns[name](q[None])
+    ts: dict[str, list[float]] = {name: [] for name in names}
+    for i, q in enumerate(queries[warm:]):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            t0 = time.perf_counter()
+            fns[name](q[None])
+            ts[name].append(time.perf_counter() - t0)
+    return ts
+
+
 def percentiles(ts: Sequence[float]) -> tuple[float, float]:
     """p50 and p99 in milliseconds of durations in seconds."""
     a = np.asarray(ts) * 1e3

@@ -14,6 +14,7 @@ machine's measured fp32 GEMM FLOP/s.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from report import (  # noqa: E402
     parse_args,
     percentiles,
     time_each,
+    time_interleaved,
     today,
     write_section,
 )
@@ -44,9 +46,10 @@ from elias_retrieval.search import (  # noqa: E402
     cluster_scores,
     expand,
     label_logits,
+    search,
     shortlist,
 )
-from elias_retrieval.searcher import Searcher  # noqa: E402
+from elias_retrieval.searcher import Searcher, resident_copy  # noqa: E402
 from elias_retrieval.synthetic import synthetic_queries, synthetic_tensors  # noqa: E402
 
 SECTION = "## In-process search latency"
@@ -115,16 +118,30 @@ def operating_points(s: Searcher, points: list[tuple[int, int]], n_lat: int, n_r
     exact = exhaustive_topk(rec_q, t, k)[0].numpy()
     print(f"exhaustive top-{k} of {n_rec} queries in {time.perf_counter() - t0:.1f} s", flush=True)
     lat_q = synthetic_queries(t, n_lat + 50, seed=12)[0].numpy()
+    times = time_interleaved({(beam, K): lambda q, beam=beam, K=K: s.search_embeddings(
+        q, k=k, beam_size=beam, shortlist_size=K) for beam, K in points}, lat_q, 50)
     out = []
     for beam, K in points:
         got = np.concatenate([s.search_embeddings(rec_q[i : i + 64].numpy(), k=k, beam_size=beam,
                                                   shortlist_size=K).ids for i in range(0, n_rec, 64)])
-        p50, p99 = percentiles(time_each(
-            lambda q, beam=beam, K=K: s.search_embeddings(q, k=k, beam_size=beam, shortlist_size=K), lat_q, 50))
+        p50, p99 = percentiles(times[beam, K])
         out.append({"beam": beam, "shortlist": K, "p50": p50, "p99": p99, "recall": recall_at(got, exact)})
         print(f"beam {beam}, shortlist {K}: p50 {p50:.3f} ms, p99 {p99:.3f} ms, R@{k} vs exhaustive "
               f"{out[-1]['recall']:.4f}", flush=True)
     return out
+
+
+def cluster_storage_ab(s: Searcher, queries: np.ndarray, k: int) -> dict[str, tuple[float, float]] | None:
+    """Batch-1 p50/p99 of the same search with W_C as a compact index stores it (fp16, fbgemm's fp16 x fp32
+    product) and as a version-1 index did (fp32, MKL), interleaved query by query; None without fbgemm."""
+    t = s.tensors
+    if t.W_C_packed is None:
+        return None
+    fp32 = dataclasses.replace(t, W_C=resident_copy(t.W_C.T.float().contiguous()).T, W_C_packed=None)
+    p = s.defaults
+    run = lambda tensors: lambda q: search(torch.from_numpy(q), tensors, k, p["beam_size"], p["shortlist_size"])  # noqa: E731
+    times = time_interleaved({"fp16 W_C, fbgemm fp16 x fp32": run(t), "fp32 W_C, MKL fp32": run(fp32)}, queries, 50)
+    return {name: percentiles(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -161,6 +178,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     points = operating_points(s, args.points, min(args.queries, 500), args.recall_queries, args.k)
+    ab = cluster_storage_ab(s, synthetic_queries(t, min(args.queries, 500) + 50, seed=13)[0].numpy(), args.k)
+    if ab:
+        print("batch 1, 1 thread, W_C storage: " + ", ".join(f"{n} p50 {v[0]:.3f} ms" for n, v in ab.items()))
     stages = stage_times(t, synthetic_queries(t, min(args.queries, 500), seed=7)[0], args.k, args.beam,
                          args.shortlist)
     print("batch 1, 1 thread, median ms per step: " + ", ".join(f"{n} {v:.3f}" for n, v in stages.items()))
@@ -213,6 +233,14 @@ def main() -> None:
               "| ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {p['beam']} | {p['shortlist']:,} | {p['p50']:.3f} | {p['p99']:.3f} | {p['recall']:.4f} |"
               for p in points]
+    if ab:
+        (n16, (a50, a99)), (n32, (b50, b99)) = ab.items()
+        lines += ["", f"W_C storage, batch 1, 1 thread, beam {args.beam}, shortlist {args.shortlist}, the two "
+                  "interleaved query by query (same queries, same index otherwise):", "",
+                  "| W_C | p50 (ms) | p99 (ms) |", "| --- | ---: | ---: |",
+                  f"| {n16} (index format 2) | {a50:.3f} | {a99:.3f} |",
+                  f"| {n32} (index format 1) | {b50:.3f} | {b99:.3f} |",
+                  "", f"fp32 / fp16 p50 ratio: {b50 / a50:.2f}x."]
     wc_bytes = t.W_C.numel() * t.W_C.element_size()
     wl_bytes = args.shortlist * t.dim * t.W_L.element_size()
     p50_1t = rows[0][1] / 1e3

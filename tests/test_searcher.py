@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from elias_retrieval.batching import DeadlineExpired, DynamicBatcher
-from elias_retrieval.search import SearchTensors, best_paths, edge_weights, search
+from elias_retrieval.search import SearchTensors, best_paths, edge_weights, pack_cluster_weights, search
 from elias_retrieval.searcher import Query, QueryError, Searcher, SearchParams, resident_copy
 
 L, C, KAPPA, D, NUM_FEATURES = 300, 16, 40, 8, 64
@@ -95,27 +95,33 @@ def fp16_cluster_weights(t: SearchTensors) -> SearchTensors:
     return SearchTensors(t.W_C.half(), t.b_C, t.A_ids, t.A_weights, t.W_L, t.b_L, t.alpha)
 
 
-def test_fp16_cluster_weights_search_exactly_as_their_fp32_values():
-    # The CPU searcher multiplies a stored fp16 W_C in fp32 (fbgemm, or a widened copy without it): the result
-    # is the exhaustive ELIAS score over the fp16 values, to fp32 rounding.
+@pytest.mark.parametrize("packed", [True, False])
+def test_fp16_cluster_weights_search_exactly_as_their_fp32_values(packed: bool):
+    # A stored fp16 W_C is multiplied in fp32 (fbgemm's packed product, or a widened copy): the result is the
+    # exhaustive ELIAS score over the fp16 values, to fp32 rounding.
     h = fp16_cluster_weights(random_tensors())
-    s = make_searcher(h)
-    fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
-    assert (s.tensors.W_C_packed is not None) == fbgemm and s.tensors.W_C.dtype == torch.float16
+    if packed:
+        h.W_C_packed = pack_cluster_weights(h.W_C, h.b_C, min_elements=0)
+        if "fbgemm" not in torch.backends.quantized.supported_engines:
+            assert h.W_C_packed is None
+            return
+        assert h.W_C_packed is not None
     emb = torch.randn(6, D, generator=torch.Generator().manual_seed(4))
-    res = s.search_embeddings(emb.numpy(), k=20, beam_size=C, shortlist_size=L)
+    res = search(emb, h, k=20, beam_size=C, shortlist_size=L)
     widened = SearchTensors(h.W_C.float(), h.b_C, h.A_ids, h.A_weights, h.W_L, h.b_L, h.alpha)
     exp_scores, exp_ids = torch.topk(exhaustive_scores(emb, widened), 20, dim=1)
-    np.testing.assert_array_equal(res.ids, exp_ids.numpy())
-    np.testing.assert_allclose(res.scores, exp_scores.numpy(), atol=1e-5, rtol=0)
-    unpacked = search(emb, h, k=20, beam_size=C, shortlist_size=L)  # no Searcher: no packing, widened per call
-    np.testing.assert_array_equal(unpacked.ids.numpy(), res.ids)
-    np.testing.assert_allclose(unpacked.scores.numpy(), res.scores, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(res.ids.numpy(), exp_ids.numpy())
+    np.testing.assert_allclose(res.scores.numpy(), exp_scores.numpy(), atol=1e-5, rtol=0)
 
 
-def test_fp32_cluster_weights_are_not_packed():
-    s = make_searcher()
-    assert s.tensors.W_C_packed is None and s.tensors.W_C.dtype == torch.float32
+def test_searcher_packs_a_large_fp16_cluster_matrix_only():
+    big = SearchTensors(torch.randn(4096, 128).half(), torch.zeros(4096), torch.zeros(4096, 2, dtype=torch.long),
+                        torch.ones(4096, 2), torch.randn(4, 128), torch.zeros(4), 1.0)
+    fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
+    assert (Searcher(big, None, None, device="cpu").tensors.W_C_packed is not None) == fbgemm
+    small = make_searcher(fp16_cluster_weights(random_tensors())).tensors  # fp32 in cache beats fbgemm
+    assert small.W_C_packed is None and small.W_C.dtype == torch.float32
+    assert make_searcher().tensors.W_C_packed is None  # an fp32 W_C is searched as stored
 
 
 def test_best_paths_stays_exact_when_duplicates_crowd_the_first_candidates():
