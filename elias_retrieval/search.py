@@ -80,7 +80,9 @@ def pack_cluster_weights(W_C: Tensor, b_C: Tensor, min_elements: int = _PACK_MIN
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         return None
     try:
-        return torch.ops.quantized.linear_prepack_fp16(W_C.float(), b_C.float())
+        # Copies: the packed object keeps its bias tensor, and a view of a memory-mapped index would keep the
+        # whole mapping (with every page search touched) resident.
+        return torch.ops.quantized.linear_prepack_fp16(W_C.float(), b_C.to(torch.float32, copy=True))
     except (RuntimeError, AttributeError):
         return None
 
