@@ -371,15 +371,19 @@ def search(
     k: int = 100,
     beam_size: int = 20,
     shortlist_size: int = 2000,
+    parts: int | None = None,
 ) -> SearchResult:
     """The five steps for a batch of query embeddings `emb` (B, d). Plain arrays in, plain arrays out.
 
-    On the CPU a batch of at least _PARALLEL_MIN_ROWS queries is split, after the one W_C product, into a part
-    per torch thread, searched side by side: steps 3-5 run row by row in small ops that one thread cannot spread.
+    On the CPU a batch is split, after the one W_C product, into `parts` searched side by side (steps 3-5 run
+    row by row in small ops that one thread cannot spread). None: a part per torch thread, each of at least
+    _PARALLEL_MIN_ROWS queries. CUDA batches stay whole.
     """
     emb = emb.to(t.W_C.device, torch.float32)
     s = cluster_scores(cluster_logits(emb, t), t.alpha)
-    parts = 1 if emb.is_cuda else min(torch.get_num_threads(), emb.shape[0] // _PARALLEL_MIN_ROWS)
+    if parts is None:
+        parts = min(torch.get_num_threads(), emb.shape[0] // _PARALLEL_MIN_ROWS)
+    parts = 1 if emb.is_cuda else min(parts, emb.shape[0])
     if parts <= 1:
         return _rank(emb, s, t, k, beam_size, shortlist_size)
     done = list(_row_pool(parts).map(lambda e, p: _rank(e, p, t, k, beam_size, shortlist_size),

@@ -121,14 +121,10 @@ def test_int32_graph_ids_as_read_from_disk_give_the_same_results(L):
 
 @pytest.mark.parametrize("L", [300, 40_000])  # the dense and the scratch dedupe
 def test_a_batch_split_across_threads_equals_one_query_at_a_time(L):
+    # One query at a time never splits; 48 queries go to the row pool in three parts.
     t = random_tensors(L=L, kappa=min(40, L))
     emb = torch.randn(48, 8, generator=torch.Generator().manual_seed(7))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)  # 48 queries >= 3 x 8: three parts on the row pool
-    try:
-        batch = search(emb, t, k=10, beam_size=4, shortlist_size=50)
-    finally:
-        torch.set_num_threads(threads)
+    batch = search(emb, t, k=10, beam_size=4, shortlist_size=50, parts=3)
     for i in range(len(emb)):
         one = search(emb[i : i + 1], t, k=10, beam_size=4, shortlist_size=50)
         for field in ("ids", "scores", "path", "label_prob", "cluster"):
