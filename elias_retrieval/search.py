@@ -405,15 +405,13 @@ def _rank(emb: Tensor, s: Tensor, t: SearchTensors, k: int, beam_size: int, shor
     final = torch.where(valid, path * prob, torch.full_like(path, -1.0))
     k = min(k, final.shape[1])
     scores, top = torch.topk(final, k, dim=1)
-    ok = scores >= 0
-    pick = lambda x: torch.where(ok, x.gather(1, top), torch.zeros_like(x.gather(1, top)))  # noqa: E731
-    return SearchResult(
-        ids=torch.where(ok, ids.gather(1, top), torch.full_like(top, -1)),
-        scores=pick(final),
-        path=pick(path),
-        label_prob=pick(prob),
-        cluster=torch.where(ok, cluster.gather(1, top), torch.full_like(top, -1)),
-    )
+    missing = scores < 0  # fewer than k labels reachable
+
+    def pick(x: Tensor, fill: float) -> Tensor:
+        return x.gather(1, top).masked_fill_(missing, fill)
+
+    return SearchResult(ids=pick(ids, -1), scores=pick(final, 0.0), path=pick(path, 0.0),
+                        label_prob=pick(prob, 0.0), cluster=pick(cluster, -1))
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}
