@@ -11,6 +11,7 @@ The same functions serve training (with teacher forcing and gradients), offline 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -416,6 +417,8 @@ def _rank(emb: Tensor, s: Tensor, t: SearchTensors, k: int, beam_size: int, shor
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
+# A forked child has none of the parent's pool threads: it must start its own pools, not wait on those.
+os.register_at_fork(after_in_child=_pools.clear)
 
 
 def _row_pool(workers: int) -> ThreadPoolExecutor:

@@ -129,3 +129,26 @@ def test_a_batch_split_across_threads_equals_one_query_at_a_time(L):
         one = search(emb[i : i + 1], t, k=10, beam_size=4, shortlist_size=50)
         for field in ("ids", "scores", "path", "label_prob", "cluster"):
             torch.testing.assert_close(getattr(batch, field)[i], getattr(one, field)[0], atol=1e-6, rtol=0)
+
+
+def _split_search_in_child(t: SearchTensors, emb: torch.Tensor, out) -> None:
+    torch.set_num_threads(1)  # the parent's OpenMP threads are not fork-safe; this is about the row pool
+    out.put(search(emb, t, k=5, beam_size=4, shortlist_size=50, parts=2).ids.tolist())
+
+
+def test_a_forked_child_searches_split_batches_on_its_own_pool():
+    import multiprocessing as mp
+
+    t, emb = random_tensors(), torch.randn(16, 8, generator=torch.Generator().manual_seed(2))
+    want = search(emb, t, k=5, beam_size=4, shortlist_size=50, parts=2).ids  # the parent's pool now exists
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_split_search_in_child, args=(t, emb, out))
+    child.start()
+    try:
+        got = out.get(timeout=60)  # without a fresh pool the child waits forever on threads it does not have
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+    assert got == want.tolist()
