@@ -160,10 +160,9 @@ def write_index(
 
     `tensors.A_weights` must already be normalised (pad slots 0, pad id = L). `dtype` (fp32|fp16|int8) is
     the storage of W_L; W_C is stored in fp16 beside a compact W_L (CLUSTER_DTYPES), everything else in fp32
-    (A_ids in int32). `meta` entries (e.g. `config`,
-    `num_train`, `source`) are added to the manifest as they are. `ranker_dir` (a `SparseRanker.save`
-    directory) adds the ELIAS++ re-ranker, with its tf-idf featurizer copied from `featurizer_dir`, or, when
-    that is None, the tf-idf encoder's own (`encoder/featurizer`).
+    (A_ids in int32). `meta` entries (e.g. `config`, `num_train`, `source`) are added to the manifest as they
+    are. `ranker_dir` (a `SparseRanker.save` directory) adds the ELIAS++ re-ranker, with its tf-idf featurizer
+    copied from `featurizer_dir`, or, when that is None, the tf-idf encoder's own (`encoder/featurizer`).
     """
     if dtype not in LABEL_DTYPES:
         raise IndexFormatError(f"W_L dtype must be one of {', '.join(LABEL_DTYPES)}, got {dtype!r}")

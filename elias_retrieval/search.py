@@ -32,7 +32,7 @@ _DENSE_DEDUPE_ELEMENTS = 1 << 23
 # no longer sits in cache (measured: slower up to C x d = 512 x 256, even at 1024 x 256, faster from 4096 x 256).
 _PACK_MIN_ELEMENTS = 1 << 19
 # A CPU batch of at least this many queries per torch thread is searched in parts side by side (see search):
-# 1.6x the queries/s at batch 256 on 2 cores.
+# 1.45x the queries/s at batch 256 on 2 cores (bench/search_latency.py).
 _PARALLEL_MIN_ROWS = 8
 # The CPU scratch route prefilters a row's top m candidates only when the row has more than this many times m.
 _PREFILTER_FACTOR = 8
@@ -395,8 +395,8 @@ def search(
 @torch.inference_mode()  # also on the pool's threads: inference mode is per thread
 def _rank(emb: Tensor, s: Tensor, t: SearchTensors, k: int, beam_size: int, shortlist_size: int) -> SearchResult:
     """Steps 3-5 for queries with cluster scores `s`: shortlist, label classifiers on it, the top k."""
-    # W_C and W_L may be stored in half precision: on CUDA the products run in it; on the CPU (slow half
-    # GEMM) W_C goes through fbgemm's fp16-in, fp32-out product and only the shortlisted W_L rows are converted.
+    # A half-precision W_L: on CUDA the shortlist product runs in it; on the CPU (slow half GEMM) only the
+    # shortlisted rows are converted (label_logits).
     half = emb.is_cuda and t.W_L.dtype in (torch.float16, torch.bfloat16)
     L = t.num_labels
     ids, path, cluster, valid = shortlist(s, t.A_ids, t.A_weights, beam_size, max(shortlist_size, k), L)
