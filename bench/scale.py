@@ -81,7 +81,7 @@ def recall_at(got: np.ndarray, ref: np.ndarray) -> float:
 
 @torch.inference_mode()
 def exhaustive_topk(emb: Tensor, t: SearchTensors, k: int, max_elems: int = 1 << 25) -> tuple[Tensor, Tensor]:
-    """Exact top-k ids (B, k) of the ELIAS score over all labels, and exact top-k ids by w . phi + b.
+    """Exact top-k label ids (B, k) of the ELIAS score over all labels, and exact top-k ids by w . phi + b.
 
     The ELIAS score is what `search` computes with beam = C and shortlist = L: (max over the clusters c whose
     row of A holds l of s_c * a_cl) * sigmoid(w_l . phi + b_l). Computed in chunks of at most about
@@ -125,7 +125,7 @@ def exhaustive_topk(emb: Tensor, t: SearchTensors, k: int, max_elems: int = 1 <<
         score, top = torch.topk(final, k, dim=1)
         out_elias.append(torch.where(score >= 0, top, torch.full_like(top, -1)))
         out_ip.append(ip_ids)
-    return torch.cat(out_elias), torch.cat(out_ip)  # type: ignore[arg-type]
+    return t.labels_of(torch.cat(out_elias)), t.labels_of(torch.cat(out_ip))  # type: ignore[arg-type]
 
 
 def ef_schedule(k: int, max_ef: int) -> list[int]:

@@ -8,7 +8,8 @@ Embeddings are given (no encoder). Batch 1: p50/p99 of `Searcher.search_embeddin
 queries, with 1 and 2 torch threads; then, at 1 thread, the same for a few (beam, shortlist) operating points
 with each point's R@100 against the exhaustive ELIAS top-100 (every cluster and label scored). Batch 256:
 queries/s, and the FLOP/s that the W_C GEMM and the W_L shortlist products reach as a fraction of this
-machine's measured fp32 GEMM FLOP/s.
+machine's measured fp32 GEMM FLOP/s. Labels are stored in cluster order, as an index stores them; an A/B
+table times the same searches with label-id order.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from report import (  # noqa: E402
     write_section,
 )
 
+from elias_retrieval.label_layout import in_cluster_order  # noqa: E402
 from elias_retrieval.search import (  # noqa: E402
     best_paths,
     cluster_logits,
@@ -144,6 +146,17 @@ def cluster_storage_ab(s: Searcher, queries: np.ndarray, k: int) -> dict[str, tu
     return {name: percentiles(ts) for name, ts in times.items()}
 
 
+def label_order_ab(s: Searcher, by_id, queries: np.ndarray, k: int, points: list[tuple[int, int]]) -> dict:
+    """Batch-1 p50/p99 of the same searches with the labels stored in cluster order (as an index stores them)
+    and in label-id order (`by_id`, the same tensors otherwise), interleaved query by query, per point."""
+    run = lambda tensors, b, K: lambda q: search(torch.from_numpy(q), tensors, k, b, K)  # noqa: E731
+    fns = {}
+    for b, K in points:
+        fns[("cluster order", b, K)] = run(s.tensors, b, K)
+        fns[("label-id order", b, K)] = run(by_id, b, K)
+    return {key: percentiles(ts) for key, ts in time_interleaved(fns, queries, 50).items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_index_args(ap)
@@ -162,8 +175,10 @@ def main() -> None:
 
     t0 = time.perf_counter()
     raw = synthetic_tensors(args.labels, dim=args.dim, kappa=args.kappa, num_clusters=args.clusters, seed=0)
-    s = Searcher(raw, None, None, {"defaults": {"k": args.k, "beam_size": args.beam,
-                                                "shortlist_size": args.shortlist}}, device="cpu")
+    # Labels in cluster order, as write_index stores them; `by_id` keeps label-id order for the A/B below.
+    s = Searcher(in_cluster_order(raw), None, None, {"defaults": {"k": args.k, "beam_size": args.beam,
+                                                                 "shortlist_size": args.shortlist}}, device="cpu")
+    by_id = Searcher._prepare(raw, torch.device("cpu"), resident=True)
     t = s.tensors
     del raw
     print(f"index: L={t.num_labels:,} C={t.num_clusters:,} kappa={t.A_ids.shape[1]} d={t.dim} "
@@ -181,6 +196,12 @@ def main() -> None:
     ab = cluster_storage_ab(s, synthetic_queries(t, min(args.queries, 500) + 50, seed=13)[0].numpy(), args.k)
     if ab:
         print("batch 1, 1 thread, W_C storage: " + ", ".join(f"{n} p50 {v[0]:.3f} ms" for n, v in ab.items()))
+    order_points = list(dict.fromkeys([(args.beam, args.shortlist), args.points[-2]]))
+    order = label_order_ab(s, by_id, synthetic_queries(t, min(args.queries, 500) + 50, seed=14)[0].numpy(), args.k,
+                           order_points)
+    del by_id
+    print("batch 1, 1 thread, label order: " + ", ".join(f"{n} beam {b} K {K} p50 {v[0]:.3f} ms"
+                                                          for (n, b, K), v in order.items()))
     stages = stage_times(t, synthetic_queries(t, min(args.queries, 500), seed=7)[0], args.k, args.beam,
                          args.shortlist)
     print("batch 1, 1 thread, median ms per step: " + ", ".join(f"{n} {v:.3f}" for n, v in stages.items()))
@@ -227,7 +248,7 @@ def main() -> None:
         return
     setup = (f"L = {t.num_labels:,}, C = {t.num_clusters:,}, kappa = {t.A_ids.shape[1]}, d = {t.dim}, "
              f"W_L {str(t.W_L.dtype).removeprefix('torch.')}, k = {args.k}, beam = {args.beam}, "
-             f"shortlist = {args.shortlist}; embeddings given; CPU")
+             f"shortlist = {args.shortlist}; labels stored in cluster order; embeddings given; CPU")
     lines = [
         f"Synthetic index: {setup}. Machine: {machine_desc}. Date: {today()}. Command: `{command_line()}`.", "",
         "| batch | torch threads | p50 (ms) | p99 (ms) | queries/s | W_C + W_L FLOP/s vs GEMM peak |",
@@ -256,6 +277,14 @@ def main() -> None:
                   f"| {n16} (index format 2) | {a50:.3f} | {a99:.3f} |",
                   f"| {n32} (index format 1) | {b50:.3f} | {b99:.3f} |",
                   "", f"fp32 / fp16 p50 ratio: {b50 / a50:.2f}x."]
+    lines += ["", "Label storage order, batch 1, 1 thread, the two interleaved query by query (same queries; the same "
+              "tensors, rows permuted): labels stored in cluster order (`label_layout.py`, what `write_index` writes "
+              "since index format 3) and in label-id order (format 2).", "",
+              "| beam | shortlist | cluster order p50 (ms) | p99 (ms) | label-id order p50 (ms) | p99 (ms) | "
+              "id / cluster p50 |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for b, K in order_points:
+        (c50, c99), (i50, i99) = order["cluster order", b, K], order["label-id order", b, K]
+        lines.append(f"| {b} | {K:,} | {c50:.3f} | {c99:.3f} | {i50:.3f} | {i99:.3f} | {i50 / c50:.2f}x |")
     wc_bytes = t.W_C.numel() * t.W_C.element_size()
     wl_bytes = args.shortlist * t.dim * t.W_L.element_size()
     p50_1t = rows[0][1] / 1e3

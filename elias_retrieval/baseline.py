@@ -154,8 +154,13 @@ class AnnBaseline:
 
     @classmethod
     def from_searcher(cls, searcher: Any, kind: str, **kw: Any) -> AnnBaseline:
-        """`build` from a `Searcher` or a `SearchTensors`; a fp16/int8 W_L (with W_L_scale) is dequantised."""
-        t = getattr(searcher, "tensors", searcher)
+        """`build` from a `Searcher` or a `SearchTensors`; a fp16/int8 W_L (with W_L_scale) is dequantised.
+
+        Rows are indexed in label-id order (an index stores them in cluster order), so ids are label ids.
+        """
+        from elias_retrieval.label_layout import in_label_order
+
+        t = in_label_order(getattr(searcher, "tensors", searcher))
         W = t.W_L.detach().cpu().float()
         if t.W_L_scale is not None:
             W = W * t.W_L_scale.detach().cpu().float().unsqueeze(1)

@@ -2,7 +2,8 @@
 
     INDEX/
       manifest.json        format, version, shapes, dtypes, search defaults; bytes + sha256 of every other file
-      tensors.safetensors  W_C, b_C, A_ids (int32), A_weights (normalised), W_L (fp32|fp16|int8), [W_L_scale], b_L
+      tensors.safetensors  W_C, b_C, A_ids (int32), A_weights (normalised), W_L (fp32|fp16|int8), [W_L_scale], b_L,
+                           [row_labels] (int32, the label id of each row: rows in cluster order, label_layout.py)
       labels.jsonl         one {"id": <dataset label id>[, "name": <name>]} per dense label id
       encoder/             the query encoder, as `Encoder.save` wrote it (JSON + safetensors only)
       ranker/              optional ELIAS++ re-ranker, as `SparseRanker.save` wrote it
@@ -32,6 +33,7 @@ import torch
 from torch import Tensor
 
 from elias_retrieval.atomic import atomic_dir
+from elias_retrieval.label_layout import cluster_order, rows_of
 from elias_retrieval.search import SearchTensors
 
 if TYPE_CHECKING:
@@ -41,9 +43,10 @@ if TYPE_CHECKING:
     from elias_retrieval.reranker import SparseRanker
 
 FORMAT_NAME = "elias-index"
-FORMAT_VERSION = 2
-# Versions this reader opens: 1 stored W_C in fp32 always; 2 stores it in fp16 beside an fp16 or int8 W_L.
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+# Versions this reader opens: 1 stored W_C in fp32 always; 2 stores it in fp16 beside an fp16 or int8 W_L;
+# 3 stores label rows in cluster order, with `row_labels` (the label id of each row; absent: row = label id).
+READABLE_VERSIONS = (1, 2, 3)
 
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
@@ -65,7 +68,7 @@ _MAX_HEADER = 100 << 20
 _CHUNK = 16 << 20
 # Manifest keys written by this module; `meta` passed to write_index may not override them.
 _RESERVED = ("format", "version", "created", "index_version", "model", "defaults", "encoder", "label_weights",
-             "cluster_weights", "tensors", "files", "reranker")
+             "cluster_weights", "label_order", "tensors", "files", "reranker")
 
 
 class IndexFormatError(ValueError):
@@ -155,6 +158,7 @@ def write_index(
     train_label_counts: Tensor | None = None,
     ranker_dir: str | Path | None = None,
     featurizer_dir: str | Path | None = None,
+    cluster_layout: bool = True,
 ) -> None:
     """Write an index directory at `out` atomically: a killed write leaves any previous `out` as it was.
 
@@ -163,6 +167,7 @@ def write_index(
     (A_ids in int32). `meta` entries (e.g. `config`, `num_train`, `source`) are added to the manifest as they
     are. `ranker_dir` (a `SparseRanker.save` directory) adds the ELIAS++ re-ranker, with its tf-idf featurizer
     copied from `featurizer_dir`, or, when that is None, the tf-idf encoder's own (`encoder/featurizer`).
+    Label rows are stored in cluster order (label_layout.py) unless `cluster_layout` is False.
     """
     if dtype not in LABEL_DTYPES:
         raise IndexFormatError(f"W_L dtype must be one of {', '.join(LABEL_DTYPES)}, got {dtype!r}")
@@ -171,7 +176,7 @@ def write_index(
     for key in ("k", "beam_size", "shortlist_size"):
         if not isinstance(defaults.get(key), int) or defaults[key] < 1:
             raise ValueError(f"defaults[{key!r}] must be a positive integer, got {defaults.get(key)!r}")
-    arrays, model = _stored_tensors(tensors, dtype, train_label_counts)
+    arrays, model = _stored_tensors(tensors, dtype, train_label_counts, cluster_layout)
     if len(labels) != model["num_labels"]:
         raise ValueError(f"{len(labels)} labels in the vocabulary, {model['num_labels']} rows in W_L")
     encoder_kind = None
@@ -229,6 +234,7 @@ def write_index(
             "encoder": encoder_kind,
             "label_weights": dtype,
             "cluster_weights": CLUSTER_DTYPES[dtype],
+            "label_order": "clusters" if cluster_layout else "ids",
             "tensors": {n: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
                         for n, t in arrays.items()},
             "files": files,
@@ -248,9 +254,12 @@ class _Rows:
 
 
 def _stored_tensors(
-    t: SearchTensors, dtype: str, counts: Tensor | None
+    t: SearchTensors, dtype: str, counts: Tensor | None, cluster_layout: bool = True
 ) -> tuple[dict[str, Tensor | _Rows], dict[str, Any]]:
-    """The arrays as stored (W_L converted chunk by chunk, never as a second full copy) and the model shapes."""
+    """The arrays as stored (W_L converted chunk by chunk, never as a second full copy) and the model shapes.
+
+    With `cluster_layout` the label rows are stored in cluster order (label_layout.py), else as given.
+    """
     C, d = t.W_C.shape
     L = t.W_L.shape[0]
     kappa = t.A_ids.shape[1]
@@ -268,10 +277,18 @@ def _stored_tensors(
         raise ValueError("A_weights must be normalised edge weights in [0, 1], 0 on pad slots")
     W_L = t.W_L.detach().cpu()
     scale_in = None if t.W_L_scale is None else t.W_L_scale.detach().cpu().float()
+    # Storage order: row r of the index holds row order[r] of `t` (label_layout.py).
+    base = torch.arange(L) if t.row_labels is None else t.row_labels.detach().cpu().long()
+    if tuple(base.shape) != (L,) or not bool((torch.bincount(base.clamp(0, L), minlength=L + 1)[:L] == 1).all()):
+        raise ValueError(f"row_labels must be a permutation of 0..{L - 1}")
+    order = cluster_order(A_ids, A_w, L, t.row_labels) if cluster_layout else torch.arange(L)
+
+    def stored(a: int, b: int) -> Tensor:
+        return W_L.index_select(0, order[a:b])
 
     def fp32_rows(a: int, b: int) -> Tensor:
-        w = W_L[a:b].float()
-        return w if scale_in is None else w * scale_in[a:b].unsqueeze(1)
+        w = stored(a, b).float()
+        return w if scale_in is None else w * scale_in.index_select(0, order[a:b]).unsqueeze(1)
 
     arrays: dict[str, Tensor | _Rows] = {}
     if counts is not None:
@@ -280,9 +297,11 @@ def _stored_tensors(
         arrays["train_label_counts"] = counts.detach().cpu().to(torch.int64)
     arrays.update(
         W_C=t.W_C.detach().cpu().to(LABEL_DTYPES[CLUSTER_DTYPES[dtype]]), b_C=t.b_C.detach().cpu().float(),
-        A_ids=A_ids.to(torch.int32),
-        A_weights=A_w, b_L=t.b_L.detach().cpu().float(),
+        A_ids=rows_of(order).index_select(0, A_ids.reshape(-1).long()).view(A_ids.shape).to(torch.int32),
+        A_weights=A_w, b_L=t.b_L.detach().cpu().float().index_select(0, order),
     )
+    if cluster_layout or t.row_labels is not None:
+        arrays["row_labels"] = base.index_select(0, order).to(torch.int32)
     if dtype == "int8":
         step = 1 << 16
         scale = torch.cat([fp32_rows(a, min(L, a + step)).abs().amax(1) for a in range(0, L, step)]) / 127.0
@@ -296,7 +315,7 @@ def _stored_tensors(
         target = LABEL_DTYPES[dtype]
 
         def rows(a: int, b: int) -> Tensor:
-            return (W_L[a:b] if scale_in is None and W_L.dtype == target else fp32_rows(a, b)).to(target)
+            return (stored(a, b) if scale_in is None and W_L.dtype == target else fp32_rows(a, b)).to(target)
 
     arrays["W_L"] = _Rows((L, d), LABEL_DTYPES[dtype], rows)
     model = {"num_labels": L, "num_clusters": C, "kappa": kappa, "dim": d, "alpha": float(t.alpha)}
@@ -439,6 +458,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise IndexFormatError(f"{p}: unknown label_weights dtype {manifest['label_weights']!r}")
     if manifest.setdefault("cluster_weights", "fp32") not in ("fp32", "fp16"):
         raise IndexFormatError(f"{p}: unknown cluster_weights dtype {manifest['cluster_weights']!r}")
+    if manifest.setdefault("label_order", "ids") not in ("ids", "clusters"):
+        raise IndexFormatError(f"{p}: unknown label_order {manifest['label_order']!r}")
     reranker = manifest.get("reranker")
     if reranker is not None:
         feat = reranker.get("featurizer") if isinstance(reranker, dict) else None
@@ -479,6 +500,8 @@ def read_index(path: str | Path, device: str | torch.device = "cpu", verify: boo
         expect["W_L_scale"] = ("float32", [L])
     if "train_label_counts" in raw:
         expect["train_label_counts"] = ("int64", [L])
+    if "row_labels" in raw:
+        expect["row_labels"] = ("int32", [L])
     for name, (dt, shape) in expect.items():
         t = raw.get(name)
         got = None if t is None else (str(t.dtype).removeprefix("torch."), list(t.shape))
@@ -486,9 +509,12 @@ def read_index(path: str | Path, device: str | torch.device = "cpu", verify: boo
             raise IndexFormatError(f"{path / TENSORS}: tensor {name} is {got or 'missing'}, expected ({dt}, {shape})")
     if extra := sorted(set(raw) - set(expect)):
         raise IndexFormatError(f"{path / TENSORS}: unexpected tensors {extra}")
+    row_labels = raw.get("row_labels")
+    if row_labels is not None and L and (int(row_labels.min()) < 0 or int(row_labels.max()) >= L):
+        raise IndexFormatError(f"{path / TENSORS}: row_labels holds ids outside 0..{L - 1}")
     tensors = SearchTensors(
         W_C=raw["W_C"], b_C=raw["b_C"], A_ids=raw["A_ids"], A_weights=raw["A_weights"], W_L=raw["W_L"],
-        b_L=raw["b_L"], alpha=float(m["alpha"]), W_L_scale=raw.get("W_L_scale"),
+        b_L=raw["b_L"], alpha=float(m["alpha"]), W_L_scale=raw.get("W_L_scale"), row_labels=row_labels,
     )
     if torch.device(device).type != "cpu":
         tensors = tensors.to(device)
@@ -504,6 +530,9 @@ def verify_index(path: str | Path) -> None:
         block = A[a : a + 4096]
         if block.numel() and (int(block.min()) < 0 or int(block.max()) > L):
             raise IndexFormatError(f"{Path(path) / TENSORS}: A_ids rows {a}.. hold ids outside 0..{L}")
+    rows = index.tensors.row_labels
+    if rows is not None and not bool((torch.bincount(rows.long(), minlength=L) == 1).all()):
+        raise IndexFormatError(f"{Path(path) / TENSORS}: row_labels is not a permutation of 0..{L - 1}")
     index.labels  # noqa: B018 - parses every line and checks the count
     if index.manifest.get("reranker") is not None:
         ranker_path = Path(path) / RANKER_DIR

@@ -40,7 +40,11 @@ _PREFILTER_FACTOR = 8
 
 @dataclass
 class SearchTensors:
-    """Everything the search reads. `A_weights` are already normalised (pad slots 0, pad id = L)."""
+    """Everything the search reads. `A_weights` are already normalised (pad slots 0, pad id = L).
+
+    Rows of W_L, b_L and W_L_scale, and the ids in A_ids, are storage rows; `row_labels[r]` is the label id
+    that row r holds (None: row r is label r). An index stores labels in cluster order (label_layout.py).
+    """
 
     W_C: Tensor  # (C, d) float32 | float16
     b_C: Tensor  # (C,)
@@ -51,6 +55,14 @@ class SearchTensors:
     alpha: float
     W_L_scale: Tensor | None = None  # (L,) float32, only for int8 W_L
     W_C_packed: Any = None  # fp16 W_C and b_C packed for fbgemm (CPU; see pack_cluster_weights)
+    row_labels: Tensor | None = None  # (L,) int32 | int64 label id of each row; None: the identity
+
+    def labels_of(self, rows: Tensor) -> Tensor:
+        """Label ids (int64) of storage `rows`; negative rows (e.g. -1 for "no label") are kept as they are."""
+        if self.row_labels is None:
+            return rows
+        got = self.row_labels.index_select(0, rows.clamp(min=0).reshape(-1)).view(rows.shape).long()
+        return torch.where(rows < 0, rows, got)
 
     @property
     def num_labels(self) -> int:
@@ -71,6 +83,7 @@ class SearchTensors:
         return SearchTensors(
             mv(self.W_C), mv(self.b_C), mv(self.A_ids), mv(self.A_weights), mv(self.W_L), mv(self.b_L),
             self.alpha, mv(self.W_L_scale), self.W_C_packed if torch.device(device).type == "cpu" else None,
+            mv(self.row_labels),
         )  # type: ignore[arg-type]
 
 
@@ -411,7 +424,7 @@ def _rank(emb: Tensor, s: Tensor, t: SearchTensors, k: int, beam_size: int, shor
     def pick(x: Tensor, fill: float) -> Tensor:
         return x.gather(1, top).masked_fill_(missing, fill)
 
-    return SearchResult(ids=pick(ids, -1), scores=pick(final, 0.0), path=pick(path, 0.0),
+    return SearchResult(ids=t.labels_of(pick(ids, -1)), scores=pick(final, 0.0), path=pick(path, 0.0),
                         label_prob=pick(prob, 0.0), cluster=pick(cluster, -1))
 
 

@@ -251,6 +251,7 @@ class Searcher:
                 W_C=W_C, b_C=keep(t.b_C.float()), A_ids=keep(t.A_ids), A_weights=keep(t.A_weights.float()),
                 W_L=keep(t.W_L), b_L=keep(t.b_L.float()), alpha=float(t.alpha),
                 W_L_scale=None if t.W_L_scale is None else keep(t.W_L_scale.float()), W_C_packed=packed,
+                row_labels=None if t.row_labels is None else keep(t.row_labels),
             )
         moved = t.to(device)
         if moved.W_L.dtype in (torch.float16, torch.bfloat16):

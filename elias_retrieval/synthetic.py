@@ -111,8 +111,8 @@ def synthetic_queries(t: SearchTensors, n: int, seed: int = 0, noise: float = 0.
     """
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, t.num_labels, (n,), generator=g)
-    w = t.W_L[labels].float()
+    w = t.W_L[labels].float()  # rows; labels_of gives their label ids (an index stores rows in cluster order)
     if t.W_L_scale is not None:
         w = w * t.W_L_scale[labels].unsqueeze(1)
     q = F.normalize(w, dim=1) + torch.randn(n, t.dim, generator=g) * (noise / math.sqrt(t.dim))
-    return F.normalize(q, dim=1), labels
+    return F.normalize(q, dim=1), t.labels_of(labels)

@@ -19,6 +19,7 @@ from elias_retrieval.data import Dataset, LabelVocab
 from elias_retrieval.encoders import TfidfEncoder
 from elias_retrieval.features import TfidfFeaturizer
 from elias_retrieval.index_format import read_index
+from elias_retrieval.label_layout import in_label_order
 from elias_retrieval.model import EliasModel
 from elias_retrieval.modeldir import load_model_dir, save_model_dir
 from elias_retrieval.search import edge_weights, search
@@ -74,9 +75,11 @@ def test_built_index_matches_the_model_on_raw_text(model_dir: Path, tmp_path: Pa
     tm = load_model_dir(model_dir)
     ref = tm.model.search_tensors()
     ix = read_index(out)
+    assert ix.manifest["label_order"] == "clusters"
+    by_label = in_label_order(ix.tensors)  # the index stores label rows in cluster order
     for name in ("W_C", "b_C", "A_weights", "W_L", "b_L"):
-        assert torch.equal(getattr(ix.tensors, name), getattr(ref, name)), name
-    assert torch.equal(ix.tensors.A_ids.long(), ref.A_ids)
+        assert torch.equal(getattr(by_label, name), getattr(ref, name)), name
+    assert torch.equal(by_label.A_ids.long(), ref.A_ids)
     assert ix.labels.ids == tm.vocab.ids and ix.labels.names == tm.vocab.names
     assert torch.equal(ix.train_label_counts, tm.train_label_counts.long())
     m = ix.manifest
@@ -151,9 +154,10 @@ def test_cli_build_info_verify(model_dir: Path, tmp_path: Path):
     assert m["pruning"]["kappa_requested"] == 5 and m["model"]["kappa"] == m["pruning"]["kappa_after"]
     r = runner.invoke(app, ["index", "info", str(out)])
     assert r.exit_code == 0, r.output
-    for text in ("elias-index v2", "int8", "W_L_scale", "labels.jsonl", "encoder/encoder.json", "tfidf"):
+    for text in ("elias-index v3", "int8", "W_L_scale", "row_labels", "labels.jsonl", "encoder/encoder.json", "tfidf"):
         assert text in r.output
     assert re.search(r"cluster weights W_C\W+fp16", r.output)  # int8 W_L: W_C stored in fp16
+    assert re.search(r"label order\W+by cluster", r.output)
     r = runner.invoke(app, ["index", "verify", str(out)])
     assert r.exit_code == 0 and r.output.startswith("ok:"), r.output
     (out / "labels.jsonl").write_text("")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from elias_retrieval import index_format as fmt
 from elias_retrieval.data import LabelVocab
 from elias_retrieval.index_format import IndexFormatError, is_index_dir, read_index, verify_index, write_index
+from elias_retrieval.label_layout import home_clusters
 from elias_retrieval.search import SearchTensors, search
 from elias_retrieval.synthetic import synthetic_queries, synthetic_tensors
 
@@ -47,9 +49,18 @@ def test_round_trip_gives_back_the_tensors_labels_and_manifest(index_dir: Path, 
     assert is_index_dir(index_dir)
     ix = read_index(index_dir, verify=True)
     t = ix.tensors
-    for name in ("W_C", "b_C", "A_weights", "W_L", "b_L"):
+    for name in ("W_C", "b_C", "A_weights"):
         assert torch.equal(getattr(t, name), getattr(small, name)), name
-    assert t.A_ids.dtype == torch.int32 and torch.equal(t.A_ids.long(), small.A_ids)
+    # Label rows are stored in cluster order: row r holds label row_labels[r]; A holds rows.
+    labels = t.row_labels.long()
+    assert ix.manifest["label_order"] == "clusters" and t.row_labels.dtype == torch.int32
+    assert torch.equal(torch.sort(labels).values, torch.arange(small.num_labels))
+    assert not torch.equal(labels, torch.arange(small.num_labels))  # synthetic labels sit in shuffled clusters
+    assert torch.equal(t.W_L, small.W_L[labels]) and torch.equal(t.b_L, small.b_L[labels])
+    assert t.A_ids.dtype == torch.int32
+    assert torch.equal(torch.cat([labels, torch.tensor([small.num_labels])])[t.A_ids.long()], small.A_ids)
+    home = home_clusters(t.A_ids, t.A_weights, small.num_labels)
+    assert bool((home[1:] >= home[:-1]).all())
     assert t.alpha == small.alpha and t.W_L_scale is None
     assert torch.equal(ix.train_label_counts, torch.arange(small.num_labels))
     assert ix.labels.ids[:2] == ["label-0", "label-1"] and ix.labels.names[-1] == "the last label"
@@ -64,7 +75,8 @@ def test_round_trip_gives_back_the_tensors_labels_and_manifest(index_dir: Path, 
 
 def test_tensor_file_is_plain_safetensors(index_dir: Path, small: SearchTensors):
     loaded = load_file(str(index_dir / fmt.TENSORS))
-    assert torch.equal(loaded["W_L"], small.W_L) and torch.equal(loaded["A_ids"].long(), small.A_ids)
+    assert torch.equal(loaded["W_L"], small.W_L[loaded["row_labels"].long()])
+    assert torch.equal(loaded["A_weights"], small.A_weights)
 
 
 def test_read_index_maps_the_file_without_copying(tmp_path: Path):
@@ -166,8 +178,8 @@ def edit_manifest(index_dir: Path, edit) -> None:
 
 
 def test_unknown_version_is_refused(index_dir: Path):
-    edit_manifest(index_dir, lambda m: m.update(version=3))
-    with pytest.raises(IndexFormatError, match="manifest.json: unknown format version 3"):
+    edit_manifest(index_dir, lambda m: m.update(version=4))
+    with pytest.raises(IndexFormatError, match="manifest.json: unknown format version 4"):
         read_index(index_dir)
 
 
@@ -303,7 +315,55 @@ def test_cluster_weights_are_stored_in_fp16_beside_a_compact_label_storage(tmp_p
 def test_version_1_index_still_opens(tmp_path: Path, small):
     # Version 1 had no cluster_weights key and stored W_C in fp32 always.
     out = tmp_path / "v1"
-    fmt.write_index(out, small, vocab(small.num_labels), None, dtype="fp32", defaults=DEFAULTS, meta={})
-    edit_manifest(out, lambda m: (m.update(version=1), m.pop("cluster_weights")))
+    fmt.write_index(out, small, vocab(small.num_labels), None, dtype="fp32", defaults=DEFAULTS, meta={},
+                    cluster_layout=False)
+    edit_manifest(out, lambda m: (m.update(version=1), m.pop("cluster_weights"), m.pop("label_order")))
     ix = read_index(out)
     assert ix.tensors.W_C.dtype == torch.float32 and ix.manifest["cluster_weights"] == "fp32"
+    assert ix.tensors.row_labels is None and torch.equal(ix.tensors.W_L, small.W_L)
+
+
+def _rewrite_row_labels(index_dir: Path, row_labels: torch.Tensor) -> None:
+    """Replace the stored row_labels (a valid safetensors file) and re-list the file in the manifest."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    f = index_dir / fmt.TENSORS
+    tensors = {k: v.clone() for k, v in load_file(str(f)).items()}
+    tensors["row_labels"] = row_labels.to(torch.int32)
+    save_file(tensors, str(f))
+    data = f.read_bytes()
+    edit_manifest(index_dir, lambda m: m["files"][fmt.TENSORS].update(bytes=len(data),
+                                                                      sha256=hashlib.sha256(data).hexdigest()))
+
+
+def test_row_labels_out_of_range_are_refused_at_load(index_dir: Path, small: SearchTensors):
+    rows = read_index(index_dir).tensors.row_labels.clone()
+    rows[5] = small.num_labels
+    _rewrite_row_labels(index_dir, rows)
+    with pytest.raises(IndexFormatError, match=r"tensors\.safetensors: row_labels holds ids outside 0\.\.2999"):
+        read_index(index_dir)
+
+
+def test_row_labels_that_repeat_a_label_are_refused_by_verify(index_dir: Path):
+    rows = read_index(index_dir).tensors.row_labels.clone()
+    rows[5] = rows[6]
+    _rewrite_row_labels(index_dir, rows)
+    read_index(index_dir)  # in range: a plain load does not count
+    with pytest.raises(IndexFormatError, match="row_labels is not a permutation of 0..2999"):
+        verify_index(index_dir)
+
+
+def test_write_refuses_row_labels_that_are_not_a_permutation(tmp_path: Path, small: SearchTensors):
+    rows = torch.arange(small.num_labels)
+    rows[0] = 1
+    with pytest.raises(ValueError, match="row_labels must be a permutation of 0..2999"):
+        build(tmp_path / "x", dataclasses.replace(small, row_labels=rows))
+    assert not (tmp_path / "x").exists()
+
+
+def test_ids_order_stores_rows_as_given(tmp_path: Path, small: SearchTensors):
+    ix = read_index(build(tmp_path / "ids", small, cluster_layout=False))
+    assert ix.manifest["label_order"] == "ids" and ix.tensors.row_labels is None
+    assert torch.equal(ix.tensors.W_L, small.W_L) and torch.equal(ix.tensors.A_ids.long(), small.A_ids)

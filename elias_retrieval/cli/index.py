@@ -82,6 +82,7 @@ def info(index_dir: Annotated[Path, typer.Argument(help="An index directory.")])
         ("encoder", str(m.get("encoder") or "none (embedding queries only)")),
         ("label weights W_L", m["label_weights"]),
         ("cluster weights W_C", m["cluster_weights"]),
+        ("label order", "by cluster (row_labels)" if m["label_order"] == "clusters" else "by label id"),
         ("re-ranker", f"ELIAS++, {m['reranker']['nnz']:,} weights, fusion weight {m['reranker']['fusion_weight']}"
          if m.get("reranker") else "none (plain ELIAS)"),
     ]
