@@ -216,10 +216,12 @@ def probe_hnsw(spec: dict[str, Any]) -> dict[str, Any]:
 
     from elias_retrieval.baseline import AnnBaseline
     from elias_retrieval.index_format import read_index
+    from elias_retrieval.label_layout import in_label_order
 
     ix = read_index(spec["index"])
-    W, b = ix.tensors.W_L.float().numpy(), ix.tensors.b_L.float().numpy()  # fp32 copies, outside the RSS delta
-    del ix
+    t = in_label_order(ix.tensors)  # the index stores rows in cluster order; HNSW ids must be label ids
+    W, b = t.W_L.float().numpy(), t.b_L.float().numpy()  # fp32 copies, outside the RSS delta
+    del ix, t
     gc.collect()
     q = np.load(spec["queries"])
     k, d = spec["k"], W.shape[1]

@@ -49,6 +49,9 @@ def test_quick_run_writes_the_section_rows_and_plot(tmp_path: Path) -> None:
     for L in ("2,000", "5,000"):
         for method in ("ELIAS", "HNSW"):
             assert re.search(rf"^\| {L} \| [\d,]+ \| {method} \(.+\|$", body, re.M), (L, method, body)
+    # HNSW against its own exact answer (w.phi + b over the same W_L): the ids must be label ids on both sides.
+    hnsw = [row.split("|") for row in body.splitlines() if row.startswith("| ") and " HNSW (" in row]
+    assert hnsw and all(float(cells[12]) > 0.9 for cells in hnsw), hnsw
     assert "At L = 5,000 (the largest L of this run): ELIAS batch-1 p50 = " in body
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert not list(png.parent.glob(".*.tmp"))  # the atomic write left no temp file
