@@ -157,14 +157,6 @@ def label_order_ab(s: Searcher, by_id, queries: np.ndarray, k: int, points: list
     return {key: percentiles(ts) for key, ts in time_interleaved(fns, queries, 50).items()}
 
 
-def gather_split_ab(t, queries: np.ndarray, k: int, beam: int, K: int) -> dict[str, tuple[float, float]]:
-    """Batch-1 p50/p99 at the current torch thread count: the shortlisted W_L rows gathered in a slice per
-    thread (the default) and by one thread, interleaved query by query."""
-    run = lambda g: lambda q: search(torch.from_numpy(q), t, k, beam, K, gather_threads=g)  # noqa: E731
-    times = time_interleaved({"a slice per thread": run(None), "one thread": run(1)}, queries, 50)
-    return {name: percentiles(ts) for name, ts in times.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_index_args(ap)
@@ -214,9 +206,6 @@ def main() -> None:
                          args.shortlist)
     print("batch 1, 1 thread, median ms per step: " + ", ".join(f"{n} {v:.3f}" for n, v in stages.items()))
     torch.set_num_threads(2)
-    split_ab = gather_split_ab(t, synthetic_queries(t, min(args.queries, 500) + 50, seed=15)[0].numpy(), args.k,
-                               args.beam, args.shortlist)
-    print("batch 1, 2 threads, W_L gather: " + ", ".join(f"{n} p50 {v[0]:.3f} ms" for n, v in split_ab.items()))
     B = args.batch
     peak = gemm_peak(args.dim, t.num_clusters, B)
     embs = synthetic_queries(t, (args.batches + 1) * B, seed=3)[0].reshape(args.batches + 1, B, args.dim)
@@ -272,10 +261,6 @@ def main() -> None:
     lines += ["", f"Batch {B}, 2 threads, `search` on the same batches interleaved: in one part "
               f"{qps_split[1]:,.0f} queries/s, split into two parts searched side by side after the W_C product (the "
               f"default with 2 threads) {qps_split[2]:,.0f} queries/s: {qps_split[2] / qps_split[1]:.2f}x."]
-    (s50, s99), (o50, o99) = split_ab.values()
-    lines += ["", f"Batch 1, 2 threads, beam {args.beam}, shortlist {args.shortlist}, interleaved query by query: the "
-              f"shortlisted W_L rows gathered in a slice per thread side by side (the default) p50 {s50:.3f} ms, p99 "
-              f"{s99:.3f}; by one thread p50 {o50:.3f} ms, p99 {o99:.3f}: {o50 / s50:.2f}x."]
     lines += ["", f"Batch-1 operating points, 1 thread: each (beam, shortlist)'s latency and its R@{args.k} against "
               f"the exhaustive ELIAS top-{args.k} (every cluster and label scored; {args.recall_queries} queries). "
               "The points are timed interleaved query by query, so each runs after the others have filled the caches "

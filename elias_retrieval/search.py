@@ -34,9 +34,6 @@ _PACK_MIN_ELEMENTS = 1 << 19
 # A CPU batch of at least this many queries per torch thread is searched in parts side by side (see search):
 # 1.45x the queries/s at batch 256 on 2 cores (bench/search_latency.py).
 _PARALLEL_MIN_ROWS = 8
-# A CPU batch searched in one part gathers each query's shortlisted W_L rows in slices of at least this many
-# rows, one per torch thread, side by side (label_logits).
-_SPLIT_MIN_ROWS = 256
 # The CPU scratch route prefilters a row's top m candidates only when the row has more than this many times m.
 _PREFILTER_FACTOR = 8
 
@@ -318,16 +315,13 @@ def _best_paths_sorted(cand_ids: Tensor, score: Tensor, k: int, m: int) -> tuple
     return pos, valid
 
 
-def label_logits(
-    emb: Tensor, ids: Tensor, W_L: Tensor, b_L: Tensor, W_L_scale: Tensor | None = None, workers: int = 1
-) -> Tensor:
+def label_logits(emb: Tensor, ids: Tensor, W_L: Tensor, b_L: Tensor, W_L_scale: Tensor | None = None) -> Tensor:
     """w_l . phi + b_l for the (B, K) label ids (pad ids must be replaced by a valid id first).
 
     Only the shortlisted rows of a compact (fp16/int8) W_L are converted, to `emb`'s dtype. Without
     gradients on the CPU the work is bound by memory, not arithmetic: each query's K rows are gathered
     into one reused buffer that stays in cache and multiplied there (a GEMV), which measured 5-10x faster
-    than one batched product over (B, K, d) gathered rows. There, `workers` > 1 splits the K rows into that
-    many slices gathered side by side on the shared row pool (each gather waits on DRAM row by row).
+    than one batched product over (B, K, d) gathered rows.
     """
     L = W_L.shape[0]
     if ids.numel() * _DENSE_LABELS_FACTOR >= ids.shape[0] * L:
@@ -341,27 +335,17 @@ def label_logits(
         z = torch.bmm(rows, emb.unsqueeze(-1)).squeeze(-1)
     else:
         z = torch.empty(B, K, dtype=emb.dtype, device=emb.device)
-        if workers > 1:
-            cuts = [K * j // workers for j in range(workers + 1)]
-            list(_row_pool(workers).map(lambda a, b: _gather_mv(emb, ids, W_L, z, a, b), cuts[:-1], cuts[1:]))
-        else:
-            _gather_mv(emb, ids, W_L, z, 0, K)
+        gathered = torch.empty(K, W_L.shape[1], dtype=W_L.dtype, device=emb.device)
+        rows = gathered if W_L.dtype == emb.dtype else torch.empty(K, W_L.shape[1], dtype=emb.dtype)
+        for i in range(B):
+            torch.index_select(W_L, 0, ids[i], out=gathered)
+            if rows is not gathered:
+                rows.copy_(gathered)
+            torch.mv(rows, emb[i], out=z[i])
     flat = ids.reshape(-1)
     if W_L_scale is not None:
         z = z * W_L_scale.index_select(0, flat).view_as(ids)
     return z + b_L.index_select(0, flat).view_as(ids)
-
-
-@torch.inference_mode()  # also on the pool's threads: inference mode is per thread
-def _gather_mv(emb: Tensor, ids: Tensor, W_L: Tensor, z: Tensor, a: int, b: int) -> None:
-    """z[:, a:b] = (W_L rows ids[:, a:b]) . emb, query by query through one reused row buffer."""
-    gathered = torch.empty(b - a, W_L.shape[1], dtype=W_L.dtype)
-    rows = gathered if W_L.dtype == emb.dtype else torch.empty(b - a, W_L.shape[1], dtype=emb.dtype)
-    for i in range(ids.shape[0]):
-        torch.index_select(W_L, 0, ids[i, a:b], out=gathered)
-        if rows is not gathered:
-            rows.copy_(gathered)
-        torch.mv(rows, emb[i], out=z[i, a:b])
 
 
 def shortlist(
@@ -402,42 +386,35 @@ def search(
     beam_size: int = 20,
     shortlist_size: int = 2000,
     parts: int | None = None,
-    gather_threads: int | None = None,
 ) -> SearchResult:
     """The five steps for a batch of query embeddings `emb` (B, d). Plain arrays in, plain arrays out.
 
     On the CPU a batch is split, after the one W_C product, into `parts` searched side by side (steps 3-5 run
     row by row in small ops that one thread cannot spread). None: a part per torch thread, each of at least
-    _PARALLEL_MIN_ROWS queries. A batch searched in one part (e.g. a single query) gathers its shortlisted W_L
-    rows in slices on up to `gather_threads` threads (None: the torch thread count). CUDA batches stay whole.
+    _PARALLEL_MIN_ROWS queries. CUDA batches stay whole.
     """
     emb = emb.to(t.W_C.device, torch.float32)
     s = cluster_scores(cluster_logits(emb, t), t.alpha)
     if parts is None:
         parts = min(torch.get_num_threads(), emb.shape[0] // _PARALLEL_MIN_ROWS)
     parts = 1 if emb.is_cuda else min(parts, emb.shape[0])
-    if parts <= 1:  # the W_L gather is split instead (label_logits)
-        workers = 1 if emb.is_cuda else gather_threads or torch.get_num_threads()
-        return _rank(emb, s, t, k, beam_size, shortlist_size, workers)
+    if parts <= 1:
+        return _rank(emb, s, t, k, beam_size, shortlist_size)
     done = list(_row_pool(parts).map(lambda e, p: _rank(e, p, t, k, beam_size, shortlist_size),
                                      emb.tensor_split(parts), s.tensor_split(parts)))
     return SearchResult(*(torch.cat([getattr(r, f) for r in done]) for f in SearchResult.__dataclass_fields__))
 
 
 @torch.inference_mode()  # also on the pool's threads: inference mode is per thread
-def _rank(
-    emb: Tensor, s: Tensor, t: SearchTensors, k: int, beam_size: int, shortlist_size: int, workers: int = 1
-) -> SearchResult:
-    """Steps 3-5 for queries with cluster scores `s`: shortlist, label classifiers on it (their rows gathered
-    by up to `workers` threads), the top k."""
+def _rank(emb: Tensor, s: Tensor, t: SearchTensors, k: int, beam_size: int, shortlist_size: int) -> SearchResult:
+    """Steps 3-5 for queries with cluster scores `s`: shortlist, label classifiers on it, the top k."""
     # A half-precision W_L: on CUDA the shortlist product runs in it; on the CPU (slow half GEMM) only the
     # shortlisted rows are converted (label_logits).
     half = emb.is_cuda and t.W_L.dtype in (torch.float16, torch.bfloat16)
     L = t.num_labels
     ids, path, cluster, valid = shortlist(s, t.A_ids, t.A_weights, beam_size, max(shortlist_size, k), L)
     safe_ids = torch.where(valid, ids, torch.zeros_like(ids)).clamp_(max=L - 1)
-    workers = min(workers, safe_ids.shape[1] // _SPLIT_MIN_ROWS)
-    z = label_logits(emb.to(t.W_L.dtype) if half else emb, safe_ids, t.W_L, t.b_L, t.W_L_scale, workers)
+    z = label_logits(emb.to(t.W_L.dtype) if half else emb, safe_ids, t.W_L, t.b_L, t.W_L_scale)
     prob = torch.sigmoid(z.float())
     final = torch.where(valid, path * prob, torch.full_like(path, -1.0))
     k = min(k, final.shape[1])

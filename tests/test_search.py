@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-import elias_retrieval.search as search_mod
 from elias_retrieval.search import (
     SearchTensors,
     _best_paths_dense,
@@ -9,7 +8,6 @@ from elias_retrieval.search import (
     _best_paths_sorted,
     best_paths,
     edge_weights,
-    label_logits,
     search,
 )
 
@@ -154,36 +152,3 @@ def test_a_forked_child_searches_split_batches_on_its_own_pool():
         if child.is_alive():
             child.kill()
     assert got == want.tolist()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_shortlist_rows_gathered_in_slices_side_by_side_equal_one_gather(dtype):
-    g = torch.Generator().manual_seed(4)
-    W_L, b_L = torch.randn(5000, 8, generator=g).to(dtype), torch.randn(5000, generator=g)
-    emb, ids = torch.randn(3, 8, generator=g), torch.randint(0, 5000, (3, 1000), generator=g)
-    with torch.inference_mode():
-        one = label_logits(emb, ids, W_L, b_L)
-        torch.testing.assert_close(one, torch.einsum("bd,bkd->bk", emb, W_L[ids].float()) + b_L[ids],
-                                   atol=1e-4, rtol=0)
-        for workers in (2, 3):
-            torch.testing.assert_close(label_logits(emb, ids, W_L, b_L, workers=workers), one, atol=1e-5, rtol=0)
-
-
-def test_a_single_query_gathers_its_shortlist_on_each_torch_thread(monkeypatch):
-    t = random_tensors(L=40_000, kappa=40)
-    emb = torch.randn(2, 8, generator=torch.Generator().manual_seed(9))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        want = search(emb[:1], t, k=20, beam_size=16, shortlist_size=600)
-        slices: list[tuple[int, int]] = []
-        real = search_mod._gather_mv
-        monkeypatch.setattr(search_mod, "_gather_mv", lambda e, i, W, z, a, b: (slices.append((a, b)),
-                                                                                   real(e, i, W, z, a, b)))
-        torch.set_num_threads(2)
-        got = search(emb[:1], t, k=20, beam_size=16, shortlist_size=600)
-    finally:
-        torch.set_num_threads(threads)
-    assert sorted(slices) == [(0, 300), (300, 600)]  # one slice per thread
-    assert torch.equal(got.ids, want.ids)
-    torch.testing.assert_close(got.scores, want.scores, atol=1e-6, rtol=0)
