@@ -8,11 +8,11 @@ XR-Linear (BENCHMARKS.md, "Quality vs latency on EURLEX57K"; plot docs/recall_la
 The test split is encoded once; every method then gets the same query embeddings phi(x) (encoding is not timed).
 Per point: R@100 and P@5 over the test split (metrics.evaluate on the top 100), single-query p50/p99 latency on a
 sample (batch 1, torch and faiss OpenMP at 1 thread), and queries/s at batch 256 (all cores). ELIAS runs
-`search.search` on the model's tensors in the layout `Searcher` serves them from on the CPU (fp32 W_L), without
-query validation or label-name lookup (the faiss indexes do neither). The faiss baselines rank by the logit
-w_l . phi + b_l (elias_retrieval.baseline). XR-Linear trains once on the model's tf-idf features in its own venv
-(bench/xrlinear.py) and predicts at each beam size; its latency is its worker's batch predict time per query, one
-thread.
+`search.search` on the model's tensors in the layout an index and `Searcher` serve them from on the CPU (labels
+in cluster order, fp32 W_L), without query validation or label-name lookup (the faiss indexes do neither). The
+faiss baselines rank by the logit w_l . phi + b_l (elias_retrieval.baseline). XR-Linear trains once on the model's
+tf-idf features in its own venv (bench/xrlinear.py) and predicts at each beam size; its latency is its worker's
+batch predict time per query, one thread.
 --quick builds a tiny synthetic index (elias_retrieval.synthetic), trains nothing and skips XR-Linear.
 """
 
@@ -38,6 +38,7 @@ from report import BENCHMARKS, ROOT, command_line, machine, parse_args, today, w
 
 from elias_retrieval.atomic import atomic_path  # noqa: E402
 from elias_retrieval.baseline import AnnBaseline  # noqa: E402
+from elias_retrieval.label_layout import in_cluster_order  # noqa: E402
 from elias_retrieval.metrics import evaluate  # noqa: E402
 from elias_retrieval.search import SearchTensors, search  # noqa: E402
 from elias_retrieval.searcher import Searcher  # noqa: E402
@@ -345,7 +346,8 @@ def main() -> None:
         what = (f"Model: `{args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model}` "
                 f"(encoder `{meta['encoder']}`, d = {meta['dim']}; L = {meta['num_labels']:,}, "
                 f"C = {meta['num_clusters']}, kappa = {meta['kappa']}), EURLEX57K test split")
-    t = Searcher(raw, None, None, {"defaults": {"k": K}}, device="cpu").tensors  # the serving layout
+    # The serving layout: labels in cluster order (as an index stores them), Searcher's CPU tensors.
+    t = Searcher(in_cluster_order(raw), None, None, {"defaults": {"k": K}}, device="cpu").tensors
     emb = emb.float().contiguous()
     sample = rng.choice(len(emb), size=min(args.queries, len(emb)), replace=False)
     b = Bench(emb, emb.numpy(), labels, counts, num_train, sample, args.batch, args.threads, args.warmup)
@@ -360,8 +362,8 @@ def main() -> None:
         "Query embeddings phi(x) are computed once and given to every method (encoding not timed); top 100 per "
         "query. p50/p99: one query at a time, torch and faiss OpenMP at 1 thread. queries/s: batches of "
         f"{args.batch}, {args.threads} thread(s). ELIAS: `search.search` on the model's tensors in `Searcher`'s CPU "
-        "layout (fp32 W_L). faiss (elias_retrieval.baseline): the same W_L and b_L, bias folded in, W_L centred on "
-        "its mean row (rank-preserving), ranked by w_l . phi + b_l; HNSW M = "
+        "layout (labels in cluster order, fp32 W_L). faiss (elias_retrieval.baseline): the same W_L and b_L, bias "
+        "folded in, W_L centred on its mean row (rank-preserving), ranked by w_l . phi + b_l; HNSW M = "
         f"{args.hnsw_m}, efConstruction = {args.ef_construction}; build {build['hnsw']:.2f} s (HNSW), "
         f"{build['ivf']:.2f} s (IVF). † XR-Linear (PECOS, the model's tf-idf features, trained once on "
         f"{f'the first {args.xrlinear_train_points:,}' if args.xrlinear_train_points else 'all'} training "
