@@ -167,8 +167,9 @@ def size_and_load(args: argparse.Namespace) -> None:
         "| part | fp16 index | int8 index |",
         "| --- | ---: | ---: |",
     ]
-    for name in ("W_L", "W_L_scale", "b_L", "A_ids", "A_weights", "W_C", "b_C", "labels.jsonl", "manifest.json",
-                 "tensors header"):
+    order = ["W_L", "W_L_scale", "b_L", "row_labels", "A_ids", "A_weights", "W_C", "b_C", "labels.jsonl",
+             "manifest.json", "tensors header"]
+    for name in order + sorted((set(f16) | set(i8)) - set(order)):  # every part, so the rows sum to the total
         lines.append(f"| {name} | {f16.get(name, 0):,} | {i8.get(name, 0):,} |")
     lines += [
         f"| **total** | **{total16:,}** | **{total8:,}** |",
