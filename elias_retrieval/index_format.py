@@ -277,11 +277,11 @@ def _stored_tensors(
         raise ValueError("A_weights must be normalised edge weights in [0, 1], 0 on pad slots")
     W_L = t.W_L.detach().cpu()
     scale_in = None if t.W_L_scale is None else t.W_L_scale.detach().cpu().float()
-    # Storage order: row r of the index holds row order[r] of `t` (label_layout.py).
+    # Storage order: row r of the index holds row order[r] of `t`; in cluster order (label_layout.py) or by id.
     base = torch.arange(L) if t.row_labels is None else t.row_labels.detach().cpu().long()
     if tuple(base.shape) != (L,) or not bool((torch.bincount(base.clamp(0, L), minlength=L + 1)[:L] == 1).all()):
         raise ValueError(f"row_labels must be a permutation of 0..{L - 1}")
-    order = cluster_order(A_ids, A_w, L, t.row_labels) if cluster_layout else torch.arange(L)
+    order = cluster_order(A_ids, A_w, L, t.row_labels) if cluster_layout else rows_of(base)[:L]
 
     def stored(a: int, b: int) -> Tensor:
         return W_L.index_select(0, order[a:b])
@@ -300,7 +300,7 @@ def _stored_tensors(
         A_ids=rows_of(order).index_select(0, A_ids.reshape(-1).long()).view(A_ids.shape).to(torch.int32),
         A_weights=A_w, b_L=t.b_L.detach().cpu().float().index_select(0, order),
     )
-    if cluster_layout or t.row_labels is not None:
+    if cluster_layout:
         arrays["row_labels"] = base.index_select(0, order).to(torch.int32)
     if dtype == "int8":
         step = 1 << 16
@@ -500,7 +500,7 @@ def read_index(path: str | Path, device: str | torch.device = "cpu", verify: boo
         expect["W_L_scale"] = ("float32", [L])
     if "train_label_counts" in raw:
         expect["train_label_counts"] = ("int64", [L])
-    if "row_labels" in raw:
+    if manifest["label_order"] == "clusters":
         expect["row_labels"] = ("int32", [L])
     for name, (dt, shape) in expect.items():
         t = raw.get(name)

@@ -363,7 +363,22 @@ def test_write_refuses_row_labels_that_are_not_a_permutation(tmp_path: Path, sma
     assert not (tmp_path / "x").exists()
 
 
-def test_ids_order_stores_rows_as_given(tmp_path: Path, small: SearchTensors):
+def test_ids_order_stores_row_l_as_label_l(tmp_path: Path, small: SearchTensors):
     ix = read_index(build(tmp_path / "ids", small, cluster_layout=False))
     assert ix.manifest["label_order"] == "ids" and ix.tensors.row_labels is None
     assert torch.equal(ix.tensors.W_L, small.W_L) and torch.equal(ix.tensors.A_ids.long(), small.A_ids)
+    # Tensors already in cluster order are written back in label-id order.
+    laid = read_index(build(tmp_path / "laid", small)).tensors
+    again = read_index(build(tmp_path / "again", laid, cluster_layout=False))
+    assert again.tensors.row_labels is None and torch.equal(again.tensors.W_L, small.W_L)
+    assert torch.equal(again.tensors.A_ids.long(), small.A_ids)
+
+
+def test_label_order_and_row_labels_must_agree(index_dir: Path, tmp_path: Path, small: SearchTensors):
+    edit_manifest(index_dir, lambda m: m.update(label_order="ids"))
+    with pytest.raises(IndexFormatError, match=r"tensors\.safetensors: unexpected tensors \['row_labels'\]"):
+        read_index(index_dir)
+    ids = build(tmp_path / "ids", small, cluster_layout=False)
+    edit_manifest(ids, lambda m: m.update(label_order="clusters"))
+    with pytest.raises(IndexFormatError, match=r"tensors\.safetensors: tensor row_labels is missing"):
+        read_index(ids)
