@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from elias_retrieval.atomic import atomic_dir
-from elias_retrieval.label_layout import cluster_order, rows_of
+from elias_retrieval.label_layout import cluster_order, relabel_rows, rows_of
 from elias_retrieval.search import SearchTensors
 
 if TYPE_CHECKING:
@@ -297,7 +297,7 @@ def _stored_tensors(
         arrays["train_label_counts"] = counts.detach().cpu().to(torch.int64)
     arrays.update(
         W_C=t.W_C.detach().cpu().to(LABEL_DTYPES[CLUSTER_DTYPES[dtype]]), b_C=t.b_C.detach().cpu().float(),
-        A_ids=rows_of(order).index_select(0, A_ids.reshape(-1).long()).view(A_ids.shape).to(torch.int32),
+        A_ids=relabel_rows(A_ids, order).to(torch.int32),
         A_weights=A_w, b_L=t.b_L.detach().cpu().float().index_select(0, order),
     )
     if cluster_layout:

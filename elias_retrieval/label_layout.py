@@ -54,41 +54,38 @@ def rows_of(order: Tensor) -> Tensor:
     return inv
 
 
+def relabel_rows(A_ids: Tensor, order: Tensor) -> Tensor:
+    """A's ids (rows of some tensors; pad id L) as rows of those tensors permuted by `order`, in A_ids's dtype."""
+    inv = rows_of(order.cpu().long()).to(A_ids.device)
+    return inv.index_select(0, A_ids.reshape(-1).long()).view(A_ids.shape).to(A_ids.dtype)
+
+
+def _permuted(t: SearchTensors, order: Tensor, row_labels: Tensor | None) -> SearchTensors:
+    """`t` with row r holding row order[r] of `t`, and the given `row_labels`."""
+    order = order.to(t.W_L.device)
+    return dataclasses.replace(
+        t,
+        A_ids=relabel_rows(t.A_ids, order),
+        W_L=t.W_L.index_select(0, order),
+        b_L=t.b_L.index_select(0, order),
+        W_L_scale=None if t.W_L_scale is None else t.W_L_scale.index_select(0, order),
+        row_labels=row_labels,
+    )
+
+
 @torch.no_grad()
 def in_label_order(t: SearchTensors) -> SearchTensors:
     """`t` with row l holding label l again (`t` itself when it already does)."""
     if t.row_labels is None:
         return t
-    L = t.num_labels
-    rows = rows_of(t.row_labels.cpu().long())  # the row of each label id, and L -> L
-    dev = t.W_L.device
-    by_label = rows[:L].to(dev)
-    return dataclasses.replace(
-        t,
-        A_ids=t.row_labels.long().to(dev).index_select(
-            0, t.A_ids.reshape(-1).long().clamp(max=L - 1)).where(t.A_ids.reshape(-1) < L, L).view(
-            t.A_ids.shape).to(t.A_ids.dtype),
-        W_L=t.W_L.index_select(0, by_label),
-        b_L=t.b_L.index_select(0, by_label),
-        W_L_scale=None if t.W_L_scale is None else t.W_L_scale.index_select(0, by_label),
-        row_labels=None,
-    )
+    return _permuted(t, rows_of(t.row_labels.cpu().long())[: t.num_labels], None)
 
 
 @torch.no_grad()
 def in_cluster_order(t: SearchTensors) -> SearchTensors:
     """A copy of `t` with its labels stored in cluster order (search returns the same label ids and scores)."""
     L = t.num_labels
-    order = cluster_order(t.A_ids.cpu(), t.A_weights.cpu(), L, None if t.row_labels is None else t.row_labels.cpu())
-    inv = rows_of(order)
-    dev = t.W_L.device
-    order_dev = order.to(dev)
-    base = torch.arange(L, device=dev) if t.row_labels is None else t.row_labels.long()
-    return dataclasses.replace(
-        t,
-        A_ids=inv.to(dev).index_select(0, t.A_ids.reshape(-1).long()).view(t.A_ids.shape).to(t.A_ids.dtype),
-        W_L=t.W_L.index_select(0, order_dev),
-        b_L=t.b_L.index_select(0, order_dev),
-        W_L_scale=None if t.W_L_scale is None else t.W_L_scale.index_select(0, order_dev),
-        row_labels=base.index_select(0, order_dev),
-    )
+    row_labels = None if t.row_labels is None else t.row_labels.cpu().long()
+    order = cluster_order(t.A_ids.cpu(), t.A_weights.cpu(), L, row_labels)
+    labels = order if row_labels is None else row_labels.index_select(0, order)
+    return _permuted(t, order, labels.to(t.W_L.device))
