@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from elias_retrieval.proto.elias.v1 import searcher_pb2 as pb
 from elias_retrieval.proto.elias.v1 import searcher_pb2_grpc as pb_grpc
-from elias_retrieval.searcher import Query, SearchResults
+from elias_retrieval.searcher import LabelStrings, Query, SearchResults
 
 
 def query_to_proto(q: Query) -> pb.Query:
@@ -59,9 +59,9 @@ def results_from_proto(results: Sequence[pb.SearchResult]) -> SearchResults:
                 cluster[i, j] = h.explanation.cluster  # type: ignore[index]
                 path[i, j] = h.explanation.path_score  # type: ignore[index]
                 prob[i, j] = h.explanation.label_score  # type: ignore[index]
-    return SearchResults(ids, scores, [[h.label_id for h in r.hits] for r in results],
-                         [[h.name for h in r.hits] for r in results], cluster, path, prob,
-                         [r.method or "ELIAS" for r in results])
+    hits = [h for r in results for h in r.hits]
+    labels = LabelStrings({h.index: h.label_id for h in hits}, {h.index: h.name for h in hits})
+    return SearchResults(ids, scores, labels, cluster, path, prob, [r.method or "ELIAS" for r in results])
 
 
 class SearchClient:

@@ -158,12 +158,13 @@ def best_paths(cand_ids: Tensor, cand_path: Tensor, k: int, pad_id: int) -> tupl
     B, N = cand_ids.shape
     k = min(k, N)
     cand_ids = cand_ids.long()  # an index read from disk stores A_ids as int32; scatter and shifts need int64
+    dense = pad_id + 1 <= max(_DENSE_DEDUPE_FACTOR * N, _DENSE_DEDUPE_LABELS)
+    m = k + max(k // 4, 64)  # the candidates a large-L route looks at first (widened when too few are distinct)
+    if not dense and cand_path.device.type == "cpu":
+        return _best_paths_scratch(cand_ids, cand_path, k, m, pad_id)  # keeps the pad slots out by itself
     score = cand_path.masked_fill(cand_ids == pad_id, -1.0)  # pad slots rank last and are never kept
-    if pad_id + 1 <= max(_DENSE_DEDUPE_FACTOR * N, _DENSE_DEDUPE_LABELS):
+    if dense:
         return _best_paths_dense(cand_ids, score, min(k, pad_id), pad_id)
-    m = k + max(k // 4, 64)
-    if score.device.type == "cpu":
-        return _best_paths_scratch(cand_ids, score, k, m, pad_id)
     return _best_paths_sorted(cand_ids, score, k, m)
 
 
@@ -185,6 +186,12 @@ def _best_paths_dense(cand_ids: Tensor, score: Tensor, k: int, L: int) -> tuple[
     return torch.where(valid, first.gather(1, label), 0).long(), valid
 
 
+# Scratch buffer values: below every candidate's key (a free slot), and above every key (the pad slot, so that
+# no pad is ever kept).
+_FREE = torch.iinfo(torch.long).min
+_PAD = torch.iinfo(torch.long).max
+
+
 class _ScratchPool:
     """(L + 1,) int64 buffers for _best_paths_scratch, reused across calls and threads; a call resets what it
     wrote. Last in, first out: a server's successive requests (on whichever worker thread) reuse the buffer
@@ -201,7 +208,7 @@ class _ScratchPool:
                 if buf.shape[0] >= size:
                     return buf
         with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
-            return torch.full((size,), -1, dtype=torch.long)
+            return torch.full((size,), _FREE, dtype=torch.long)
 
     def release(self, buf: Tensor) -> None:
         with self._lock:
@@ -213,22 +220,24 @@ _scratch = _ScratchPool()
 
 def _best_paths_scratch(cand_ids: Tensor, score: Tensor, k: int, m: int, pad_id: int) -> tuple[Tensor, Tensor]:
     """best_paths on the CPU for large L, one row at a time: the top `m` candidates of the row, each label's
-    best candidate through a scratch buffer (O(m), no sort), widened until exact."""
+    best candidate through a scratch buffer (O(m), no sort), widened until exact. Pad slots (`pad_id`) are
+    never kept, whatever their score."""
     buf = _scratch.acquire(pad_id + 1)
     try:
-        return _scratch_rows(cand_ids, score, k, m, buf)
+        return _scratch_rows(cand_ids, score, k, m, buf, pad_id)
     finally:
+        buf[pad_id] = _FREE
         _scratch.release(buf)
 
 
-def _scratch_rows(cand_ids: Tensor, score: Tensor, k: int, m: int, buf: Tensor) -> tuple[Tensor, Tensor]:
+def _scratch_rows(cand_ids: Tensor, score: Tensor, k: int, m: int, buf: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
     # One key per candidate, its path's float bits (non-negative floats order like their bits) above its
-    # position reversed: a max over a label's keys is its best path, ties to the first position.
+    # position reversed: a max over a label's keys is its best path, ties to the first position. The fewest
+    # torch calls per row: at batch 1 their fixed cost is most of the time.
     B, N = cand_ids.shape
-    pos = torch.zeros(B, k, dtype=torch.long)
-    valid = torch.zeros(B, k, dtype=torch.bool)
     rev = _reversed_positions(N)
-    minus_one = _minus_ones(N)
+    free = _free_keys(N)
+    pos, valid = [], []
 
     def prefilter(width: int) -> int:
         # A top-m prefilter pays only when it drops most candidates: labels sit in several beam rows of A, so a
@@ -243,23 +252,24 @@ def _scratch_rows(cand_ids: Tensor, score: Tensor, k: int, m: int, buf: Tensor) 
                 ids, rev_pos = cand_ids[r].index_select(0, top_pos), rev.index_select(0, top_pos)
             else:
                 top, top_pos, ids, rev_pos = score[r], None, cand_ids[r], rev
-            key = ((top.clamp(min=0).view(torch.int32).long() & 0x7FFFFFFF) << 31) | rev_pos
+            key = torch.add(rev_pos, top.view(torch.int32), alpha=1 << 31)
+            buf[pad_id] = _PAD
             buf.scatter_reduce_(0, ids, key, "amax")
-            keep = (buf.index_select(0, ids) == key) & (top >= 0)
-            buf.scatter_(0, ids, minus_one[: ids.shape[0]])  # the reset; 2x faster than index_fill_
+            best = torch.where(buf.index_select(0, ids) == key, top, -1.0)  # -1: not its label's best
+            buf.scatter_(0, ids, free[: ids.shape[0]])  # the reset; 2x faster than index_fill_
             if width == N:
                 break
-            distinct = int(keep.sum())
+            distinct = int((best >= 0).sum())
             if distinct >= k:
                 break
             width = prefilter(min(N, max(2 * width, -(-width * k * 5 // (4 * max(distinct, 1))))))
-        vals, j = torch.topk(torch.where(keep, top, -1.0), k, sorted=False)
-        pos[r] = j if top_pos is None else top_pos.index_select(0, j)
-        valid[r] = vals >= 0
-    return pos, valid
+        vals, j = torch.topk(best, k, sorted=False)
+        pos.append(j if top_pos is None else top_pos.index_select(0, j))
+        valid.append(vals >= 0)
+    return torch.stack(pos), torch.stack(valid)
 
 
-_constants: dict[str, Tensor] = {"rev": torch.zeros(0, dtype=torch.long), "minus_one": torch.zeros(0, dtype=torch.long)}
+_constants: dict[str, Tensor] = {"rev": torch.zeros(0, dtype=torch.long), "free": torch.zeros(0, dtype=torch.long)}
 
 
 def _constant(name: str, n: int, make: Callable[[int], Tensor]) -> Tensor:
@@ -277,9 +287,9 @@ def _reversed_positions(n: int) -> Tensor:
     return _constant("rev", n, lambda m: 0x7FFFFFFF - torch.arange(m, dtype=torch.long))
 
 
-def _minus_ones(n: int) -> Tensor:
-    """A contiguous int64 vector of n -1s (scatter_ from it is faster than from an expanded scalar)."""
-    return _constant("minus_one", n, lambda m: torch.full((m,), -1, dtype=torch.long))
+def _free_keys(n: int) -> Tensor:
+    """A contiguous int64 vector of n _FREE values (scatter_ from it is faster than from an expanded scalar)."""
+    return _constant("free", n, lambda m: torch.full((m,), _FREE, dtype=torch.long))
 
 
 def _best_paths_sorted(cand_ids: Tensor, score: Tensor, k: int, m: int) -> tuple[Tensor, Tensor]:
@@ -413,10 +423,10 @@ def _rank(emb: Tensor, s: Tensor, t: SearchTensors, k: int, beam_size: int, shor
     half = emb.is_cuda and t.W_L.dtype in (torch.float16, torch.bfloat16)
     L = t.num_labels
     ids, path, cluster, valid = shortlist(s, t.A_ids, t.A_weights, beam_size, max(shortlist_size, k), L)
-    safe_ids = torch.where(valid, ids, torch.zeros_like(ids)).clamp_(max=L - 1)
+    safe_ids = torch.where(valid, ids, 0)  # a valid id is a label (< L), never the pad id
     z = label_logits(emb.to(t.W_L.dtype) if half else emb, safe_ids, t.W_L, t.b_L, t.W_L_scale)
     prob = torch.sigmoid(z.float())
-    final = torch.where(valid, path * prob, torch.full_like(path, -1.0))
+    final = torch.where(valid, path * prob, -1.0)
     k = min(k, final.shape[1])
     scores, top = torch.topk(final, k, dim=1)
     missing = scores < 0  # fewer than k labels reachable

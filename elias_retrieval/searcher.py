@@ -17,8 +17,9 @@ import ctypes
 import mmap
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,23 +74,57 @@ class SearchParams:
     rerank: bool = True  # ELIAS++ re-ranking of text and sparse queries, when the index has a re-ranker
 
 
+class LabelStrings:
+    """The dataset's id and name of each dense label id, looked up when a result's strings are first read.
+
+    `ids` and `names` are indexed by dense label id: a list (a whole vocabulary) or a dict (the labels of
+    some results). None: the dense id itself as the id, "" as the name.
+    """
+
+    def __init__(self, ids: Sequence[str] | Mapping[int, str] | None = None,
+                 names: Sequence[str] | Mapping[int, str] | None = None):
+        self.ids, self.names = ids, names
+
+    def ids_of(self, dense: np.ndarray) -> list[list[str]]:
+        """Per row of (B, k) dense ids, the dataset ids of its valid (>= 0) entries."""
+        table = self.ids
+        if table is None:
+            return [[str(j) for j in row if j >= 0] for row in dense.tolist()]
+        return [[table[j] for j in row if j >= 0] for row in dense.tolist()]
+
+    def names_of(self, dense: np.ndarray) -> list[list[str]]:
+        """Per row of (B, k) dense ids, the names of its valid (>= 0) entries."""
+        table = self.names
+        if table is None:
+            return [["" for j in row if j >= 0] for row in dense.tolist()]
+        return [[table[j] for j in row if j >= 0] for row in dense.tolist()]
+
+
 @dataclass
 class SearchResults:
     """Top-k per query, best first. `ids` are dense label ids, -1 (score 0) where fewer were reachable.
 
-    `label_ids` / `label_names` hold the dataset's ids and names of the valid hits of each row. With
-    `explain`, `cluster`, `path` and `label_prob` give each hit's best cluster and its two score factors.
+    `label_ids` / `label_names` give the dataset's ids and names of the valid hits of each row; they are
+    looked up in `labels` when first read (a caller that needs only `ids` and `scores` never pays for them).
+    With `explain`, `cluster`, `path` and `label_prob` give each hit's best cluster and its two score factors.
     `methods` says per row what ranked it: "ELIAS++" (scores are then the fused scores) or "ELIAS".
     """
 
     ids: np.ndarray  # (B, k) int64
     scores: np.ndarray  # (B, k) float32
-    label_ids: list[list[str]]
-    label_names: list[list[str]]
+    labels: LabelStrings = field(default_factory=LabelStrings, repr=False)
     cluster: np.ndarray | None = None  # (B, k) int64
     path: np.ndarray | None = None  # (B, k) float32
     label_prob: np.ndarray | None = None  # (B, k) float32
     methods: list[str] | None = None  # per row: "ELIAS++" or "ELIAS"
+
+    @cached_property
+    def label_ids(self) -> list[list[str]]:
+        return self.labels.ids_of(self.ids)
+
+    @cached_property
+    def label_names(self) -> list[list[str]]:
+        return self.labels.names_of(self.ids)
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -101,11 +136,8 @@ class SearchResults:
         def cut(a: np.ndarray | None) -> np.ndarray | None:
             return None if a is None else a[sl]
 
-        return SearchResults(
-            self.ids[sl], self.scores[sl], [r[:k] for r in self.label_ids[start:stop]],
-            [r[:k] for r in self.label_names[start:stop]], cut(self.cluster), cut(self.path), cut(self.label_prob),
-            None if self.methods is None else self.methods[start:stop],
-        )
+        return SearchResults(self.ids[sl], self.scores[sl], self.labels, cut(self.cluster), cut(self.path),
+                             cut(self.label_prob), None if self.methods is None else self.methods[start:stop])
 
 
 @dataclass
@@ -155,15 +187,15 @@ def resident_copy(t: Tensor, huge_pages: bool = True) -> Tensor:
     return out
 
 
-def _label_strings(labels: Any, num_labels: int) -> tuple[list[str], list[str]]:
-    """Dataset ids and names (as strings, "" for none) of a LabelVocab-like object, or dense ids."""
+def _label_strings(labels: Any, num_labels: int) -> LabelStrings:
+    """The dataset ids and names (as strings, "" for none) of a LabelVocab-like object; None: dense ids."""
     if labels is None:
-        return [str(i) for i in range(num_labels)], [""] * num_labels
+        return LabelStrings()
     ids = [str(x) for x in labels.ids]
     names = [("" if n is None else str(n)) for n in getattr(labels, "names", [None] * len(ids))]
     if len(ids) != num_labels or len(names) != num_labels:
         raise ValueError(f"the label vocabulary has {len(ids)} labels, the index {num_labels}")
-    return ids, names
+    return LabelStrings(ids, names)
 
 
 class Searcher:
@@ -194,7 +226,7 @@ class Searcher:
         self.encoder = encoder.to(self.device).eval() if encoder is not None else None
         self._encoder_lock = threading.Lock()
         t = self.tensors
-        self.label_ids, self.label_names = _label_strings(labels, t.num_labels)
+        self.labels = _label_strings(labels, t.num_labels)
         defaults = dict(info.get("defaults") or {})
         self.defaults = {
             "k": int(defaults.get("k", 100)),
@@ -454,10 +486,7 @@ class Searcher:
             for i in rows:
                 methods[i] = "ELIAS++"
         ids, scores = ids[:, : p.k], scores[:, : p.k]
-        names_all, ids_all = self.label_names, self.label_ids
-        label_ids = [[ids_all[j] for j in row if j >= 0] for row in ids.tolist()]
-        label_names = [[names_all[j] for j in row if j >= 0] for row in ids.tolist()]
-        res = SearchResults(ids, scores, label_ids, label_names, methods=methods)
+        res = SearchResults(ids, scores, self.labels, methods=methods)
         if p.explain:
             res.cluster, res.path, res.label_prob = (a[:, : p.k] for a in explained)
         return res

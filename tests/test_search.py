@@ -2,10 +2,12 @@ import pytest
 import torch
 
 from elias_retrieval.search import (
+    _FREE,
     SearchTensors,
     _best_paths_dense,
     _best_paths_scratch,
     _best_paths_sorted,
+    _scratch,
     best_paths,
     edge_weights,
     search,
@@ -152,3 +154,20 @@ def test_a_forked_child_searches_split_batches_on_its_own_pool():
         if child.is_alive():
             child.kill()
     assert got == want.tolist()
+
+
+def test_the_scratch_route_never_keeps_a_pad_slot_and_hands_its_buffer_back_clean():
+    # Unmasked paths: the pad slots (id L) carry the best paths of their rows, as zero-weight slots never do,
+    # so only the scratch buffer's pad marker keeps them out. The pooled buffer then serves a smaller L whose
+    # pad slot was a label slot of the first call.
+    for L in (100, 50):
+        ids = torch.tensor([[3, L, 7, 3, L, 9], [L, L, 1, 2, 2, L]])
+        path = torch.tensor([[0.2, 0.99, 0.5, 0.4, 0.98, 0.1], [0.9, 0.8, 0.3, 0.1, 0.6, 0.7]])
+        pos, valid = _best_paths_scratch(ids, path, 4, 6, L)
+        got = [sorted(int(ids[r, p]) for p, v in zip(pos[r], valid[r], strict=True) if v) for r in range(2)]
+        assert got == [[3, 7, 9], [1, 2]]
+        assert [float(path[1, p]) for p, v in zip(pos[1], valid[1], strict=True) if v and ids[1, p] == 2] == [
+            pytest.approx(0.6)]
+        buf = _scratch.acquire(L + 1)
+        assert bool((buf == _FREE).all())
+        _scratch.release(buf)

@@ -16,7 +16,7 @@ from torch import nn
 
 from elias_retrieval.batching import DeadlineExpired, DynamicBatcher
 from elias_retrieval.search import SearchTensors, best_paths, edge_weights, pack_cluster_weights, search
-from elias_retrieval.searcher import Query, QueryError, Searcher, SearchParams, resident_copy
+from elias_retrieval.searcher import LabelStrings, Query, QueryError, Searcher, SearchParams, resident_copy
 
 L, C, KAPPA, D, NUM_FEATURES = 300, 16, 40, 8, 64
 
@@ -285,3 +285,14 @@ def test_dynamic_batcher_skips_queries_whose_deadline_passed():
         assert b.expired == 1
     finally:
         b.close()
+
+
+def test_without_a_vocabulary_labels_are_named_by_their_dense_id_and_a_cut_keeps_its_strings():
+    s = make_searcher()
+    s.labels = LabelStrings()  # as a Searcher built with labels=None
+    res = s.search_embeddings(np.ones((2, D), np.float32), k=10)
+    valid = [[int(i) for i in row if i >= 0] for row in res.ids]
+    assert res.label_ids == [[str(i) for i in row] for row in valid]
+    assert res.label_names == [[""] * len(row) for row in valid]
+    cut = res.rows(1, 2, k=3)
+    assert cut.ids.shape == (1, 3) and cut.label_ids == [[str(i) for i in valid[1][:3]]]
