@@ -74,13 +74,13 @@ def result_to_proto(res: SearchResults, row: int) -> pb.SearchResult:
     out = pb.SearchResult(method=res.methods[row] if res.methods else "ELIAS")
     n = len(res.label_ids[row])
     ids, scores = res.ids[row, :n].tolist(), res.scores[row, :n].tolist()  # Python scalars: 3x faster to copy
-    hits = [pb.Hit(index=i, label_id=lid, name=name, score=sc)
+    add = out.hits.add  # built in place: extending by ready-made Hit messages would copy each one
+    hits = [add(index=i, label_id=lid, name=name, score=sc)
             for i, lid, name, sc in zip(ids, res.label_ids[row], res.label_names[row], scores, strict=True)]
     if res.cluster is not None:
         for hit, c, p, q in zip(hits, res.cluster[row, :n].tolist(), res.path[row, :n].tolist(),  # type: ignore[index]
                                 res.label_prob[row, :n].tolist(), strict=True):  # type: ignore[index]
             hit.explanation.cluster, hit.explanation.path_score, hit.explanation.label_score = c, p, q
-    out.hits.extend(hits)
     return out
 
 
