@@ -58,10 +58,13 @@ QUICK = {"labels": 10_000, "clusters": 128, "kappa": 100, "dim": 32, "shortlist"
 
 
 def build_searcher(args: argparse.Namespace):
+    from elias_retrieval.label_layout import in_cluster_order
     from elias_retrieval.searcher import Searcher
     from elias_retrieval.synthetic import synthetic_tensors
 
-    raw = synthetic_tensors(args.labels, dim=args.dim, kappa=args.kappa, num_clusters=args.clusters, seed=0)
+    # Labels in cluster order, as an index written by `elias build-index` stores them.
+    raw = in_cluster_order(synthetic_tensors(args.labels, dim=args.dim, kappa=args.kappa,
+                                             num_clusters=args.clusters, seed=0))
     info = {"index_version": f"synthetic-{args.labels}", "defaults": {"k": args.k, "beam_size": args.beam,
                                                                         "shortlist_size": args.shortlist}}
     return Searcher(raw, None, None, info, device="cpu")
@@ -422,7 +425,8 @@ def main() -> None:
     if args.no_write:
         return
     setup = (f"synthetic index L = {args.labels:,}, C = {args.clusters:,}, kappa = {args.kappa}, d = {args.dim}, "
-             f"fp16 W_L, k = {args.k}, beam = {args.beam}, shortlist = {args.shortlist}; embedding queries "
+             f"fp16 W_L, labels in cluster order (as an index stores them), k = {args.k}, beam = {args.beam}, "
+             f"shortlist = {args.shortlist}; embedding queries "
              f"(`synthetic_queries`, each near one label); server and clients on the same machine, server torch "
              f"threads = {args.threads}, batching max {args.max_batch} queries / {args.max_wait_us} us; each load "
              f"level runs {args.seconds:g} s with N calls outstanding at all times")
