@@ -157,9 +157,9 @@ def test_a_forked_child_searches_split_batches_on_its_own_pool():
 
 
 def test_the_scratch_route_never_keeps_a_pad_slot_and_hands_its_buffer_back_clean():
-    # Unmasked paths: the pad slots (id L) carry the best paths of their rows, as zero-weight slots never do,
-    # so only the scratch buffer's pad marker keeps them out. The pooled buffer then serves a smaller L whose
-    # pad slot was a label slot of the first call.
+    # The paths are not masked and the pad slots (id L) carry each row's best paths (a real pad slot's path is
+    # 0), so only the pad marker in the scratch buffer keeps them out. The pooled buffer then serves a smaller
+    # L whose pad slot was a label slot of the first call.
     for L in (100, 50):
         ids = torch.tensor([[3, L, 7, 3, L, 9], [L, L, 1, 2, 2, L]])
         path = torch.tensor([[0.2, 0.99, 0.5, 0.4, 0.98, 0.1], [0.9, 0.8, 0.3, 0.1, 0.6, 0.7]])
