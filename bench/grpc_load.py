@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import re
 import subprocess
 import sys
@@ -29,6 +30,7 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -77,12 +79,27 @@ def run_server(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     searcher = build_searcher(args)
+    # The searches of the one-client phase (its warm-up included), timed inside the server: each Search call
+    # makes one `search_checked` call. Reported on exit.
+    times: list[float] = []
+    search_checked = searcher.search_checked
+
+    def timed(*a: Any, **kw: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return search_checked(*a, **kw)
+        finally:
+            if len(times) < args.queries + 50:
+                times.append(time.perf_counter() - t0)
+
+    searcher.search_checked = timed  # type: ignore[method-assign]
     cfg = ServerConfig(port=0, batching=args.batching, max_batch=args.max_batch, max_wait_us=args.max_wait_us,
                        max_concurrent_rpcs=256)
     server = start_server(searcher, cfg)
     print("PORT", server.port, flush=True)
     sys.stdin.read()  # until the parent closes our stdin
     server.stop(1)
+    print("SEARCH_S", json.dumps(times[50:]), flush=True)
 
 
 def await_port(proc: subprocess.Popen, lines: Iterable[str], pattern: str) -> str:
@@ -147,13 +164,20 @@ def spawn_elias_serve(index_dir: Path, threads: int, max_message_mb: int,
     return proc, address
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    """Stop a server child: `--role server` exits when its stdin closes, `elias serve` on SIGTERM (graceful)."""
-    if proc.stdin is not None:
-        proc.stdin.close()
-    else:
+def stop_server(proc: subprocess.Popen) -> list[float]:
+    """Stop a server child: `--role server` exits when its stdin closes, `elias serve` on SIGTERM (graceful).
+
+    Returns the durations (s) of the one-client phase's searches that a `--role server` child timed itself.
+    """
+    if proc.stdin is None:
         proc.terminate()
+        proc.wait(30)
+        return []
+    proc.stdin.close()
+    out = proc.stdout.read() if proc.stdout is not None else ""
     proc.wait(30)
+    line = next((x for x in out.splitlines() if x.startswith("SEARCH_S ")), "SEARCH_S []")
+    return json.loads(line.removeprefix("SEARCH_S "))
 
 
 def one_client(address: str, embs: np.ndarray, searcher=None, rounds: int = 4) -> dict[str, list[float]]:
@@ -400,6 +424,7 @@ def main() -> None:
         searcher.search_embeddings(e[None])
 
     runs: dict[tuple[bool, int], dict[str, float]] = {}
+    inside: list[float] = []
     for batching in (True, False):
         proc, address = spawn_server(args, batching=batching)
         try:
@@ -418,7 +443,13 @@ def main() -> None:
                       f"p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, {r['errors']:.0f} errors, server RSS "
                       f"{r['rss_before']:,.0f} -> {r['rss_after']:,.0f} MiB", flush=True)
         finally:
-            stop_server(proc)
+            timed = stop_server(proc)
+        if batching:
+            inside = timed
+    if not inside:
+        raise SystemExit("the server child reported no timed searches")
+    s50, s99 = percentiles(inside)
+    print(f"one client: the same searches timed inside the server p50 {s50:.3f} ms", flush=True)
     n_ratio = args.clients if args.clients in args.client_counts else args.client_counts[-1]
     ratio = runs[True, n_ratio]["qps"] / runs[False, n_ratio]["qps"]
     print(f"batching / no batching throughput at {n_ratio} clients: {ratio:.2f}x")
@@ -438,6 +469,9 @@ def main() -> None:
         f"| gRPC `Search`, one client | {g50:.3f} | {g99:.3f} | |",
         f"| gRPC overhead over in-process (p50) | {g50 - ip50:+.3f} | | |",
         f"| of which the framework floor: an empty `GetIndexInfo` call, one client | {e50:.3f} | {e99:.3f} | |",
+        f"| the same searches timed inside the server (`Searcher.search_checked`) | {s50:.3f} | {s99:.3f} | |",
+        f"| gRPC `Search` less the search inside the server and the floor (p50s): request handling and the "
+        f"response | {g50 - s50 - e50:+.3f} | | |",
         f"| throughput ratio at {n_ratio} clients, batching / no batching | | | {ratio:.2f}x |",
         "",
         "| clients | dynamic batching | queries/s | p50 (ms) | p99 (ms) | errors | server RSS before -> after (MiB) |",

@@ -61,6 +61,9 @@ SYNTHETIC = [
         r"^\| gRPC `Search`, one client \| \d+\.\d{3} \| \d+\.\d{3} \| \|$",
         r"^\| of which the framework floor: an empty `GetIndexInfo` call, one client"
         r" \| \d+\.\d{3} \| \d+\.\d{3} \| \|$",
+        # the server child timed its own searches and handed them back
+        r"^\| the same searches timed inside the server \(`Searcher.search_checked`\)"
+        r" \| \d+\.\d{3} \| \d+\.\d{3} \| \|$",
     ]),
     ("index_load.py", "## Index size and load time", [r"^\| fp16 \| cold \| \d+\.\d{4} \| \d+\.\d{3} \| "]),
 ]
