@@ -53,6 +53,8 @@ def test_quick_run_writes_the_section_rows_and_plot(tmp_path: Path) -> None:
     hnsw = [row.split("|") for row in body.splitlines() if row.startswith("| ") and " HNSW (" in row]
     assert hnsw and all(float(cells[12]) > 0.9 for cells in hnsw), hnsw
     assert "At L = 5,000 (the largest L of this run): ELIAS batch-1 p50 = " in body
+    assert re.search(r"The same batch-1 queries with 2 torch threads: p50 = \d+\.\d{3} ms \((meets|misses) the "
+                     r"target\), p99 = \d+\.\d{3} ms\.", body)
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert not list(png.parent.glob(".*.tmp"))  # the atomic write left no temp file
 
