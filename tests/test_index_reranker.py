@@ -200,6 +200,18 @@ def test_server_and_cli_say_which_method_answered(index_dir: Path, dataset: Path
             batch = client.search_batch([Query(text=texts[2]), Query(text=texts[3])], k=5)
             assert batch.methods == ["ELIAS++", "ELIAS++"]
             np.testing.assert_array_equal(batch.ids, want[2:4])
+        # `elias search --server` prints the same table (ranks, scores, label ids and names, explanations) as
+        # `elias search INDEX_DIR` in process.
+        local, remote = (CliRunner().invoke(app, ["search", *where, texts[0], "-k", "3", "--explain"])
+                         for where in ([str(index_dir)], ["--server", server.address]))
+        assert local.exit_code == 0 and remote.exit_code == 0, (local.output, remote.output)
+
+        def table(out: str) -> list[str]:
+            lines = out.splitlines()
+            return lines[: next(i for i, x in enumerate(lines) if " labels by " in x)]
+
+        assert table(remote.output) == table(local.output) and len(table(local.output)) >= 5, local.output
+        assert f"3 labels by ELIAS++ from {server.address}" in remote.output, remote.output
     finally:
         server.stop(0)
     runner = CliRunner()
