@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from elias_retrieval.atomic import atomic_dir
-from elias_retrieval.label_layout import cluster_order, relabel_rows, rows_of
+from elias_retrieval.label_layout import cluster_order, is_permutation, relabel_rows, rows_of
 from elias_retrieval.search import SearchTensors
 
 if TYPE_CHECKING:
@@ -279,7 +279,7 @@ def _stored_tensors(
     scale_in = None if t.W_L_scale is None else t.W_L_scale.detach().cpu().float()
     # Storage order: row r of the index holds row order[r] of `t`; in cluster order (label_layout.py) or by id.
     base = torch.arange(L) if t.row_labels is None else t.row_labels.detach().cpu().long()
-    if tuple(base.shape) != (L,) or not bool((torch.bincount(base.clamp(0, L), minlength=L + 1)[:L] == 1).all()):
+    if tuple(base.shape) != (L,) or not is_permutation(base, L):
         raise ValueError(f"row_labels must be a permutation of 0..{L - 1}")
     order = cluster_order(A_ids, A_w, L, t.row_labels) if cluster_layout else rows_of(base)[:L]
 
@@ -531,7 +531,7 @@ def verify_index(path: str | Path) -> None:
         if block.numel() and (int(block.min()) < 0 or int(block.max()) > L):
             raise IndexFormatError(f"{Path(path) / TENSORS}: A_ids rows {a}.. hold ids outside 0..{L}")
     rows = index.tensors.row_labels
-    if rows is not None and not bool((torch.bincount(rows.long(), minlength=L) == 1).all()):
+    if rows is not None and not is_permutation(rows, L):
         raise IndexFormatError(f"{Path(path) / TENSORS}: row_labels is not a permutation of 0..{L - 1}")
     index.labels  # noqa: B018 - parses every line and checks the count
     if index.manifest.get("reranker") is not None:

@@ -45,6 +45,14 @@ def cluster_order(A_ids: Tensor, A_weights: Tensor, num_labels: int, row_labels:
     return by_label.index_select(0, torch.sort(home.index_select(0, by_label), stable=True).indices)
 
 
+def is_permutation(ids: Tensor, n: int) -> bool:
+    """Whether `ids` is a permutation of 0..n-1 (any shape, dtype or values given)."""
+    ids = ids.long().reshape(-1)
+    if ids.numel() != n or (n and (int(ids.min()) < 0 or int(ids.max()) >= n)):
+        return False
+    return bool((torch.bincount(ids, minlength=n) == 1).all())
+
+
 def rows_of(order: Tensor) -> Tensor:
     """The inverse of `order`, with one extra entry mapping the pad id L to itself: row of each label id."""
     L = order.shape[0]

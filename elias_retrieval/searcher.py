@@ -17,7 +17,7 @@ import ctypes
 import mmap
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -87,17 +87,17 @@ class LabelStrings:
 
     def ids_of(self, dense: np.ndarray) -> list[list[str]]:
         """Per row of (B, k) dense ids, the dataset ids of its valid (>= 0) entries."""
-        table = self.ids
-        if table is None:
-            return [[str(j) for j in row if j >= 0] for row in dense.tolist()]
-        return [[table[j] for j in row if j >= 0] for row in dense.tolist()]
+        return _look_up(self.ids, dense, str)
 
     def names_of(self, dense: np.ndarray) -> list[list[str]]:
         """Per row of (B, k) dense ids, the names of its valid (>= 0) entries."""
-        table = self.names
-        if table is None:
-            return [["" for j in row if j >= 0] for row in dense.tolist()]
-        return [[table[j] for j in row if j >= 0] for row in dense.tolist()]
+        return _look_up(self.names, dense, lambda _: "")
+
+
+def _look_up(table: Sequence[str] | Mapping[int, str] | None, dense: np.ndarray,
+             without: Callable[[int], str]) -> list[list[str]]:
+    get = without if table is None else table.__getitem__
+    return [[get(j) for j in row if j >= 0] for row in dense.tolist()]
 
 
 @dataclass

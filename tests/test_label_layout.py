@@ -11,7 +11,14 @@ import torch
 from elias_retrieval.baseline import AnnBaseline
 from elias_retrieval.data import LabelVocab
 from elias_retrieval.index_format import write_index
-from elias_retrieval.label_layout import cluster_order, home_clusters, in_cluster_order, in_label_order, rows_of
+from elias_retrieval.label_layout import (
+    cluster_order,
+    home_clusters,
+    in_cluster_order,
+    in_label_order,
+    is_permutation,
+    rows_of,
+)
 from elias_retrieval.search import SearchResult, SearchTensors, search
 from elias_retrieval.searcher import Searcher
 from elias_retrieval.synthetic import cluster_of_labels, synthetic_queries, synthetic_tensors
@@ -89,3 +96,9 @@ def test_a_written_index_searches_and_baselines_in_label_ids(tmp_path: Path, t: 
     assert (got.cluster == ref.cluster.numpy()).all()
     flat_ref = AnnBaseline.from_searcher(t, "flat").search(q, 10)[0]
     assert (AnnBaseline.from_searcher(s, "flat").search(q, 10)[0] == flat_ref).all()
+
+
+def test_is_permutation_checks_count_range_and_repeats():
+    assert is_permutation(torch.tensor([2, 0, 1]), 3) and is_permutation(torch.tensor([], dtype=torch.long), 0)
+    for bad in ([0, 1], [0, 1, 1], [-1, 1, 2], [0, 1, 3]):  # too short, a repeat, below and above the range
+        assert not is_permutation(torch.tensor(bad), 3), bad
