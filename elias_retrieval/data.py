@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import scipy.sparse as sp
 
 from elias_retrieval.atomic import write_jsonl
 from elias_retrieval.config import DataConfig
+from elias_retrieval.dataset_fields import resolve_data_config
 
 SPLITS = ("train", "dev", "test")
 _TEXT_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -27,6 +29,7 @@ _XC_SUFFIXES = (".txt", ".txt.gz")
 
 class DataFormatError(ValueError):
     """A dataset file is missing or malformed; the message names the file, the line and the problem."""
+
 
 
 @dataclass
@@ -78,6 +81,12 @@ class Dataset:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    def empty_rows(self) -> np.ndarray:
+        """Rows whose document has no text (none for sparse features: a row without features still is a point)."""
+        if self.texts is None:
+            return np.zeros(0, dtype=np.int64)
+        return np.flatnonzero([not t.strip() for t in self.texts])
+
     @property
     def num_labels(self) -> int:
         return len(self.vocab)
@@ -117,7 +126,8 @@ def has_split(dataset_dir: str | Path, split: str) -> bool:
     return any(p.is_file() for p in _candidates(Path(dataset_dir), split))
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def open_text(path: Path) -> io.TextIOBase:
+    """A text file, gunzipped when it starts with gzip's magic bytes (whatever its suffix)."""
     with open(path, "rb") as f:
         magic = f.read(2)
     if magic == b"\x1f\x8b":
@@ -130,7 +140,7 @@ def _label_names(dataset_dir: Path) -> dict[str, str]:
         p = dataset_dir / name
         if p.is_file():
             out = {}
-            with _open_text(p) as f:
+            with open_text(p) as f:
                 for lineno, line in enumerate(f, 1):
                     try:
                         row = json.loads(line)
@@ -168,7 +178,8 @@ def _read_jsonl(path: Path, cfg: DataConfig, vocab: LabelVocab | None, max_rows:
     texts: list[str] = []
     labels: list[list[str]] = []
     ids: list[str] = []
-    with _open_text(path) as f:
+    fields: Counter[str] = Counter()
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if max_rows and len(texts) >= max_rows:
                 break
@@ -180,8 +191,10 @@ def _read_jsonl(path: Path, cfg: DataConfig, vocab: LabelVocab | None, max_rows:
                 raise DataFormatError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
             if not isinstance(row, dict):
                 raise DataFormatError(f"{path}:{lineno}: expected a JSON object")
+            fields.update(row.keys())
             if cfg.label_field not in row:
-                raise DataFormatError(f"{path}:{lineno}: no {cfg.label_field!r} field")
+                raise DataFormatError(f"{path}:{lineno}: no {cfg.label_field!r} field; the row has fields "
+                                      f"{', '.join(row) or 'none'} (set data.label_field)")
             labs = row[cfg.label_field]
             if not isinstance(labs, list) or not all(isinstance(x, (str, int)) for x in labs):
                 raise DataFormatError(f"{path}:{lineno}: {cfg.label_field!r} must be a list of strings or integers")
@@ -196,6 +209,11 @@ def _read_jsonl(path: Path, cfg: DataConfig, vocab: LabelVocab | None, max_rows:
             texts.append(text[: cfg.max_chars] if cfg.max_chars else text)
             labels.append([str(x) for x in labs])
             ids.append(str(row.get("id", lineno)))
+    # A field no row has is a wrong setting; other splits only need one of them (a small test split may lack one).
+    missing = [name for name in cfg.text_fields if not fields[name]]
+    if texts and missing and (vocab is None or len(missing) == len(cfg.text_fields)):
+        raise DataFormatError(f"{path}: no row has the text field {missing[0]!r}; the rows have fields "
+                              f"{', '.join(sorted(fields))} (set data.text_fields, or name them in dataset.json)")
     if vocab is None:
         names = _label_names(path.parent)
         uniq = sorted({lab for labs in labels for lab in labs})
@@ -204,7 +222,7 @@ def _read_jsonl(path: Path, cfg: DataConfig, vocab: LabelVocab | None, max_rows:
 
 
 def _xc_lines(path: Path) -> Iterator[tuple[int, str]]:
-    with _open_text(path) as f:
+    with open_text(path) as f:
         yield from enumerate(f, 1)
 
 
@@ -316,13 +334,24 @@ def _read_npz(path: Path, vocab: LabelVocab | None, max_rows: int) -> Dataset:
     return _with_vocab(X, Y, vocab)
 
 
+def dataset_data_config(dataset_dir: str | Path, cfg: DataConfig) -> DataConfig:
+    """`cfg` with the text and label fields it leaves unset decided for this dataset (JSON lines: its
+    dataset.json, else the common field names in the train split's rows; other formats have no fields)."""
+    path = find_split(dataset_dir, "train")
+    if path.name.endswith(_TEXT_SUFFIXES) and not (cfg.text_fields and cfg.label_field):
+        return resolve_data_config(dataset_dir, cfg, path)
+    return cfg
+
+
 def read_split(
     dataset_dir: str | Path, split: str, data_cfg: DataConfig | None = None, vocab: LabelVocab | None = None,
     max_rows: int = 0,
 ) -> Dataset:
     """Read one split (at most `max_rows` rows when > 0).
 
-    Without `vocab` (the train split) the label vocabulary is built from the split: the sorted label ids
+    JSON lines are read with `data_cfg`'s text and label fields, those it leaves unset decided by
+    `dataset_fields.resolve_data_config` (the dataset's `dataset.json`, else the common field names found in the
+    rows). Without `vocab` (the train split) the label vocabulary is built from the split: the sorted label ids
     of JSON lines, or all `L` ids the XC / .npz file declares. Labels outside a given `vocab` get extra
     columns past it. Raises `DataFormatError` naming the file, line and problem.
     """
@@ -330,6 +359,8 @@ def read_split(
     path = find_split(dataset_dir, split)
     name = path.name
     if name.endswith(_TEXT_SUFFIXES):
+        if not (cfg.text_fields and cfg.label_field):
+            cfg = resolve_data_config(dataset_dir, cfg, path)
         return _read_jsonl(path, cfg, vocab, max_rows)
     if name.endswith(_XC_SUFFIXES):
         return _read_xc(path, vocab, max_rows)

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor
 
 from elias_retrieval.data import Dataset
-from elias_retrieval.encoders import Encoder
+from elias_retrieval.encoders import Encoder, EncoderInputs
 from elias_retrieval.features import TfidfFeaturizer
 from elias_retrieval.metrics import evaluate
 from elias_retrieval.reranker import SparseRanker
@@ -22,11 +22,13 @@ if TYPE_CHECKING:
 
 
 def embedded_batches(
-    encoder: Encoder, data: Dataset, device: torch.device, batch_size: int, progress: bool, description: str
+    encoder: Encoder, data: Dataset, device: torch.device, batch_size: int, progress: bool, description: str,
+    inputs: EncoderInputs | None = None,
 ) -> Iterator[tuple[np.ndarray, Tensor]]:
-    """(row numbers, query embeddings) for `data` in batches, under inference mode, with a progress bar."""
+    """(row numbers, query embeddings) for `data` in batches, under inference mode, with a progress bar.
+    `inputs`: `data` already prepared by the encoder (featurised or tokenised), to do that once for many calls."""
     encoder.eval()
-    inputs = encoder.prepare(data)
+    inputs = inputs if inputs is not None else encoder.prepare(data)
     n = len(inputs)
     with (
         Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -49,11 +51,12 @@ def predict(
     shortlist_size: int = 2000,
     batch_size: int = 512,
     progress: bool = False,
+    inputs: EncoderInputs | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Ranked top-k label ids (-1 padded) and scores for every point of `data`."""
+    """Ranked top-k label ids (-1 padded) and scores for every point of `data` (`inputs`: see embedded_batches)."""
     ids = np.full((len(data), k), -1, dtype=np.int64)
     scores = np.zeros((len(data), k), dtype=np.float32)
-    for rows, emb in embedded_batches(encoder, data, tensors.W_C.device, batch_size, progress, "searching"):
+    for rows, emb in embedded_batches(encoder, data, tensors.W_C.device, batch_size, progress, "searching", inputs):
         res = search(emb, tensors, k=k, beam_size=beam_size, shortlist_size=shortlist_size)
         kk = res.ids.shape[1]
         ids[rows, :kk] = res.ids.cpu().numpy()
@@ -92,9 +95,10 @@ def evaluate_split(
     progress: bool = False,
     ranker: SparseRanker | None = None,
     featurizer: TfidfFeaturizer | None = None,
+    inputs: EncoderInputs | None = None,
 ) -> dict[str, float]:
     """Search `data` (ELIAS++ when a ranker is given) and return metrics.evaluate's metrics (percentages)."""
-    ids, scores = predict(encoder, tensors, data, 100, beam_size, shortlist_size, batch_size, progress)
+    ids, scores = predict(encoder, tensors, data, 100, beam_size, shortlist_size, batch_size, progress, inputs)
     if ranker is not None:
         if featurizer is None:
             raise ValueError("re-ranking needs the tf-idf featurizer")

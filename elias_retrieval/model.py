@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from elias_retrieval.config import ModelConfig
 from elias_retrieval.encoders import Encoder
-from elias_retrieval.search import SearchTensors, cluster_scores, edge_weights, label_logits, shortlist
+from elias_retrieval.search import SearchTensors, batch_label_logits, cluster_scores, edge_weights, shortlist
 
 _EPS = 1e-6
 
@@ -73,10 +73,12 @@ class EliasModel(nn.Module):
     def embed(self, batch: dict[str, Tensor]) -> Tensor:
         return self.dropout(self.encoder(batch))
 
-    def loss(self, batch: dict[str, Tensor], pos_rows: Tensor, pos_labels: Tensor, lam: float) -> tuple[Tensor, dict]:
+    def loss(self, batch: dict[str, Tensor], pos_rows: Tensor, pos_labels: Tensor, lam: float,
+             matmul_dtype: torch.dtype = torch.float32) -> tuple[Tensor, dict]:
         """Two-term ELIAS loss on a teacher-forced shortlist.
 
-        `pos_rows`, `pos_labels`: the (row, label) pairs of the batch's positives (labels < L).
+        `pos_rows`, `pos_labels`: the (row, label) pairs of the batch's positives (labels < L). `matmul_dtype`:
+        the input type of the label classifiers' product (bf16 where the hardware runs it fast; precision.py).
         """
         emb = self.embed(batch)
         B = emb.shape[0]
@@ -84,10 +86,11 @@ class EliasModel(nn.Module):
         forced = torch.zeros(B, self.num_clusters, dtype=torch.bool, device=emb.device)
         forced[pos_rows, self.label_parent[pos_labels]] = True
         ids, path, _, valid = shortlist(
-            s, self.A_ids, self.edge_weights(), self.cfg.beam_size, self.cfg.shortlist_size, self.num_labels, forced
+            s, self.A_ids, self.edge_weights(), self.cfg.beam_size, self.cfg.shortlist_size, self.num_labels, forced,
+            partition=int(self.stage) == 1,
         )
         safe_ids = torch.where(valid, ids, torch.zeros_like(ids))
-        z = label_logits(emb, safe_ids, self.W_L, self.b_L)
+        z = batch_label_logits(emb, safe_ids, self.W_L, self.b_L, matmul_dtype)
         # Targets: is (row, label) a positive? Membership by sorted keys, no dense (B, L) matrix.
         stride = self.num_labels + 1
         pos_keys = torch.sort(pos_rows * stride + pos_labels).values
@@ -117,4 +120,5 @@ class EliasModel(nn.Module):
             W_L=self.W_L.detach().float(),
             b_L=self.b_L.detach().float(),
             alpha=self.cfg.alpha,
+            partition=int(self.stage) == 1,
         )

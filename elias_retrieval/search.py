@@ -23,6 +23,8 @@ from torch import Tensor
 
 # Past this many candidates per query, dense label scoring beats gathering W_L rows (see label_logits).
 _DENSE_LABELS_FACTOR = 4
+# A training batch whose shortlists hold at least this fraction of the labels is scored against all of W_L.
+_DISTINCT_DENSE_FRACTION = 0.9
 # best_paths dedupes through a dense (B, L) buffer when L is at most this many times the candidates per query
 # or at most _DENSE_DEDUPE_LABELS, with at most _DENSE_DEDUPE_ELEMENTS buffer elements at a time.
 _DENSE_DEDUPE_FACTOR = 2
@@ -56,6 +58,7 @@ class SearchTensors:
     W_L_scale: Tensor | None = None  # (L,) float32, only for int8 W_L
     W_C_packed: Any = None  # fp16 W_C and b_C packed for fbgemm (CPU; see pack_cluster_weights)
     row_labels: Tensor | None = None  # (L,) int32 | int64 label id of each row; None: the identity
+    partition: bool = False  # every label sits in one row of A at most (stage 1): step 4 needs no dedupe
 
     def labels_of(self, rows: Tensor) -> Tensor:
         """Label ids (int64) of storage `rows`; negative rows (e.g. -1 for "no label") are kept as they are."""
@@ -83,7 +86,7 @@ class SearchTensors:
         return SearchTensors(
             mv(self.W_C), mv(self.b_C), mv(self.A_ids), mv(self.A_weights), mv(self.W_L), mv(self.b_L),
             self.alpha, mv(self.W_L_scale), self.W_C_packed if torch.device(device).type == "cpu" else None,
-            mv(self.row_labels),
+            mv(self.row_labels), self.partition,
         )  # type: ignore[arg-type]
 
 
@@ -358,6 +361,28 @@ def label_logits(emb: Tensor, ids: Tensor, W_L: Tensor, b_L: Tensor, W_L_scale: 
     return z + b_L.index_select(0, flat).view_as(ids)
 
 
+def batch_label_logits(emb: Tensor, ids: Tensor, W_L: Tensor, b_L: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """w_l . phi + b_l for the (B, K) label ids of a training batch, differentiable, in float32.
+
+    One GEMM of the batch against its distinct shortlisted labels (all of W_L when they are most of it), then a
+    gather: gathering a (B, K, d) tensor of rows instead costs B*K*d memory forward and again for its gradient
+    (1 GB at B = 256, K = 2000, d = 512) and runs at memory speed. `dtype` (default: emb's) is the GEMM's
+    input type; bf16 is 3-4x faster than fp32 where the hardware has it (precision.py).
+    """
+    dtype = dtype or emb.dtype
+    L = W_L.shape[0]
+    present = torch.zeros(L, dtype=torch.bool, device=ids.device)
+    present[ids.reshape(-1)] = True
+    distinct = present.nonzero().squeeze(1)
+    if distinct.numel() >= _DISTINCT_DENSE_FRACTION * L:
+        rows, cols = W_L, ids
+    else:
+        slot = torch.cumsum(present, 0, dtype=torch.long) - 1  # slot[l]: label l's column among the distinct ones
+        rows, cols = W_L.index_select(0, distinct), slot[ids]
+    z = (emb.to(dtype) @ rows.to(dtype).T).float().gather(1, cols)
+    return z + b_L.index_select(0, ids.reshape(-1)).view_as(ids)
+
+
 def shortlist(
     s: Tensor,
     A_ids: Tensor,
@@ -366,10 +391,12 @@ def shortlist(
     shortlist_size: int,
     pad_id: int,
     forced_clusters: Tensor | None = None,
+    partition: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Steps 2-4: shortlisted label ids, their path scores, the cluster of each path, and a validity mask.
 
     `forced_clusters` (B, C) bool marks clusters that must be in the beam (teacher forcing in training).
+    `partition`: A's rows are disjoint (stage 1), so every candidate is a distinct label and step 4 is a top-k.
     Gradients flow into `s` and `A_weights` through the returned path scores.
     """
     C = s.shape[1]
@@ -380,7 +407,12 @@ def shortlist(
         width = min(C, beam_size + int(forced_clusters.sum(1).max().item()))
     clusters = torch.topk(select, width, dim=1).indices
     cand_ids, cand_path = expand(clusters, s.gather(1, clusters), A_ids, A_weights)
-    pos, valid = best_paths(cand_ids, cand_path.detach(), shortlist_size, pad_id)
+    if partition:
+        score = cand_path.detach().masked_fill(cand_ids == pad_id, -1.0)
+        top, pos = torch.topk(score, min(shortlist_size, score.shape[1]), dim=1, sorted=False)
+        valid = top >= 0
+    else:
+        pos, valid = best_paths(cand_ids, cand_path.detach(), shortlist_size, pad_id)
     ids = cand_ids.gather(1, pos)
     path = cand_path.gather(1, pos) * valid
     kappa = A_ids.shape[1]
@@ -422,7 +454,8 @@ def _rank(emb: Tensor, s: Tensor, t: SearchTensors, k: int, beam_size: int, shor
     # shortlisted rows are converted (label_logits).
     half = emb.is_cuda and t.W_L.dtype in (torch.float16, torch.bfloat16)
     L = t.num_labels
-    ids, path, cluster, valid = shortlist(s, t.A_ids, t.A_weights, beam_size, max(shortlist_size, k), L)
+    ids, path, cluster, valid = shortlist(s, t.A_ids, t.A_weights, beam_size, max(shortlist_size, k), L,
+                                          partition=t.partition)
     safe_ids = torch.where(valid, ids, 0)  # a valid id is a label (< L), never the pad id
     z = label_logits(emb.to(t.W_L.dtype) if half else emb, safe_ids, t.W_L, t.b_L, t.W_L_scale)
     prob = torch.sigmoid(z.float())

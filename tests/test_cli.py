@@ -70,6 +70,29 @@ def test_train_with_a_wrongly_typed_set_value_is_one_error_line(bibtex, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_train_with_an_unknown_choice_is_one_error_line(bibtex, tmp_path):
+    _one_line_error(_cli("train", bibtex, tmp_path / "out", "--set", "train.precision=fp16"),
+                    "train.precision must be one of auto, fp32, bf16")
+    _one_line_error(_cli("train", bibtex, tmp_path / "out", "--set", "train.init=pifa"), "train.init", "centroid")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_train_with_a_text_field_no_row_has_lists_the_fields_found(shared_data, tmp_path):
+    line = _one_line_error(_cli("train", shared_data / "tibkat", tmp_path / "out", "--quiet",
+                                "--set", 'data.text_fields=["title", "abstract"]'))
+    assert "no row has the text field 'title'" in line and "the rows have fields id, labels, lang, text, type" in line
+
+
+def test_train_on_rows_without_a_known_text_field_lists_the_fields_found(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"id": "1", "words": "some text", "labels": ["a"]}\n')
+    _one_line_error(_cli("train", data, tmp_path / "out", "--quiet"), "no text field found",
+                    "the rows have fields id, labels, words", "dataset.json")
+    assert not (tmp_path / "out").exists()
+
+
 def test_train_with_an_unknown_encoder_is_one_error_line(bibtex, tmp_path):
     _one_line_error(_cli("train", bibtex, tmp_path / "out", "--encoder", "word2vec"), "word2vec")
     _one_line_error(_cli("train", bibtex, tmp_path / "out", "--set", "model.encoder=bow"), "bow")

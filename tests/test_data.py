@@ -7,7 +7,8 @@ import pytest
 import scipy.sparse as sp
 
 from elias_retrieval.config import DataConfig
-from elias_retrieval.data import DataFormatError, LabelVocab, find_split, has_split, read_split
+from elias_retrieval.data import DataFormatError, LabelVocab, dataset_data_config, find_split, has_split, read_split
+from elias_retrieval.dataset_fields import DatasetFieldsError
 
 CFG = DataConfig(text_fields=["title", "body"], label_field="labels")
 
@@ -174,3 +175,93 @@ def test_real_delicious_point_without_labels(shared_data):
     d = read_split(shared_data / "xc" / "delicious", "train", DataConfig(), max_rows=700)
     # File line 657 (after the header: point 655) starts with a space: no labels, but features.
     assert d.labels[655].nnz == 0 and d.features[655].nnz > 0
+
+
+# ---- which fields hold the text and the labels ------------------------------------------------------
+
+TIBKAT_LIKE = [
+    {"id": "1", "type": "Book", "lang": "de", "text": "Ein Titel\nEine Zusammenfassung", "labels": ["a"]},
+    {"id": "2", "type": "Article", "lang": "en", "text": "A title\nAn abstract", "labels": ["b", "a"]},
+]
+EURLEX_LIKE = [
+    {"id": "1", "type": "Regulation", "title": "T", "header": "H", "recitals": "R", "main_body": ["M1", "M2"],
+     "attachments": "annex", "labels": ["x"]},
+]
+
+
+def test_text_and_label_fields_are_found_in_the_rows(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", TIBKAT_LIKE)
+    cfg = dataset_data_config(tmp_path, DataConfig())
+    assert cfg.text_fields == ["text"] and cfg.label_field == "labels"
+    assert read_split(tmp_path, "train").texts == ["Ein Titel\nEine Zusammenfassung", "A title\nAn abstract"]
+
+
+def test_known_fields_are_joined_title_first_and_unknown_ones_left_out(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl.gz", EURLEX_LIKE, gz=True)
+    assert dataset_data_config(tmp_path, DataConfig()).text_fields == ["title", "header", "recitals", "main_body"]
+    assert read_split(tmp_path, "train").texts == ["T\nH\nR\nM1\nM2"]
+
+
+def test_dataset_json_names_the_fields_and_explicit_settings_win(tmp_path):
+    rows = [{"name": "a doc", "blurb": "more words", "subject_ids": ["s1"], "text": "ignored"}]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    (tmp_path / "dataset.json").write_text(json.dumps(
+        {"text_fields": ["name", "blurb"], "label_field": "subject_ids", "language": "en"}))
+    cfg = dataset_data_config(tmp_path, DataConfig())
+    assert (cfg.text_fields, cfg.label_field, cfg.language) == (["name", "blurb"], "subject_ids", "en")
+    assert read_split(tmp_path, "train").texts == ["a doc\nmore words"]
+    explicit = dataset_data_config(tmp_path, DataConfig(text_fields=["text"]))
+    assert explicit.text_fields == ["text"] and explicit.label_field == "subject_ids"
+
+
+@pytest.mark.parametrize(("spec", "problem"), [
+    ('{"text_field": ["a"]}', "unknown key 'text_field'"),
+    ('{"text_fields": "text"}', "text_fields must be a list"),
+    ('{"label_field": ["labels"]}', "label_field must be a string"),
+    ("[1, 2]", "expected a JSON object"),
+    ("{oops", "not valid JSON"),
+])
+def test_malformed_dataset_json_is_an_error_naming_the_file(tmp_path, spec, problem):
+    write_jsonl(tmp_path / "train.jsonl", TIBKAT_LIKE)
+    (tmp_path / "dataset.json").write_text(spec)
+    with pytest.raises(DatasetFieldsError, match=problem) as e:
+        read_split(tmp_path, "train")
+    assert "dataset.json" in str(e.value)
+
+
+def test_a_configured_text_field_no_row_has_is_an_error_listing_the_fields(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", TIBKAT_LIKE)
+    with pytest.raises(DataFormatError) as e:
+        read_split(tmp_path, "train", DataConfig(text_fields=["title", "text"]))
+    assert "no row has the text field 'title'" in str(e.value)
+    assert "id, labels, lang, text, type" in str(e.value)
+
+
+def test_rows_without_a_known_text_or_label_field_are_an_error_listing_the_fields(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"id": "1", "words": "some text", "labels": ["a"]}])
+    with pytest.raises(DatasetFieldsError, match=r"no text field found .* fields id, labels, words"):
+        read_split(tmp_path, "train")
+    write_jsonl(tmp_path / "train.jsonl", [{"id": "1", "text": "some text", "cats": "a"}])
+    with pytest.raises(DatasetFieldsError, match=r"no label field found .* fields cats, id, text"):
+        read_split(tmp_path, "train")
+
+
+def test_a_missing_label_field_names_the_fields_of_the_row(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "labels": ["x"]}, {"text": "b", "tags": ["y"]}])
+    with pytest.raises(DataFormatError, match=r"train.jsonl:2: no 'labels' field; the row has fields text, tags"):
+        read_split(tmp_path, "train")
+
+
+def test_empty_documents_are_found(tmp_path):
+    rows = [{"text": "words", "labels": ["a"]}, {"text": "  ", "labels": ["a"]}, {"title": "t", "labels": []}]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    d = read_split(tmp_path, "train", DataConfig(text_fields=["text"]))
+    assert d.empty_rows().tolist() == [1, 2]
+
+
+@pytest.mark.slow
+def test_real_tibkat_text_field_is_found(shared_data):
+    cfg = dataset_data_config(shared_data / "tibkat", DataConfig())
+    assert cfg.text_fields == ["text"] and cfg.label_field == "labels"
+    d = read_split(shared_data / "tibkat", "dev", cfg, max_rows=50)
+    assert len(d.empty_rows()) == 0 and min(len(t) for t in d.texts) > 10

@@ -37,8 +37,10 @@ SMALL = [
     "train.threads=1", "train.device=cpu",
 ]
 E2E = [*SMALL, "train.max_train_points=1500", "train.stage1_epochs=4", "train.stage2_epochs=2", "model.dim=64"]
-# For the runs compared tensor by tensor: fewer points, same shapes of the problem.
-TINY = [*SMALL, "train.max_train_points=600", "train.stage1_epochs=2", "train.stage2_epochs=2", "model.dim=32"]
+# For the runs compared tensor by tensor: fewer points, same shapes of the problem, and every epoch run (no early
+# stopping, no stage-2 probe), so that the runs have the same shape whatever the dev metric does.
+TINY = [*SMALL, "train.max_train_points=600", "train.stage1_epochs=2", "train.stage2_epochs=2", "model.dim=32",
+        "train.patience=0", "train.stage2_probe_fraction=0"]
 TINY_STEPS_PER_EPOCH = 10  # ceil(600 / 64)
 
 runner = CliRunner()
@@ -289,9 +291,9 @@ def test_resume_after_an_interruption_ends_with_the_uninterrupted_tensors(bibtex
         with pytest.raises(KeyboardInterrupt):
             run_training(bibtex, out, EliasConfig().with_overrides(TINY), progress=False)
     assert (out / "train_state").is_dir()
-    # Bibtex has no dev split, so one is held out from train: the stage-1 model is written when stage 1 ends
-    # (it competes in the selection); before that there is no model yet.
-    assert (out / "model.json").exists() == (where != "mid-stage-1")
+    # Bibtex has no dev split, so one is held out from train: the best model so far is written after every
+    # evaluated epoch that improves on dev, from the first epoch of stage 1 on.
+    assert (out / "model.json").exists()
 
     _cli_ok("train", bibtex, out, "--resume", "--quiet")
     _assert_same_tensors(reference_run, out)
@@ -348,3 +350,56 @@ def test_without_a_dev_split_model_selection_and_fusion_weight_use_a_holdout(e2e
         by_weight[str(meta["reranker"]["fusion_weight"])] == max(by_weight.values())
     history = [json.loads(x) for x in (e2e_model / "history.jsonl").read_text().splitlines()]
     assert all("dev" in r for r in history if r["stage"] == 2)
+
+
+# ---- 5. stage lengths: dev early stopping and the stage-2 probe -----------------------------------
+
+HELD_OUT_STEPS_PER_EPOCH = 9  # ceil(540 / 64): 60 of TINY's 600 points are held out as the dev split
+
+
+def _scripted_dev(monkeypatch, p5: list[float]) -> list[int]:
+    """Dev evaluations return the next P@5 of `p5`; returns the list the calls' training steps go into."""
+    values = iter(p5)
+    steps: list[int] = []
+    original = EliasModel.loss
+
+    def loss(self, *args, **kwargs):
+        steps.append(int(self.stage))
+        return original(self, *args, **kwargs)
+
+    def evaluate(self, model, data):
+        v = next(values)
+        return {"P@1": v, "P@5": v, "nDCG@5": v, "R@10": v, "R@100": v}
+
+    monkeypatch.setattr(EliasModel, "loss", loss)
+    monkeypatch.setattr(train_module.Trainer, "_evaluate_dev", evaluate)
+    return steps
+
+
+def test_a_stage_ends_when_dev_stops_improving_and_the_best_epoch_is_kept(bibtex, tmp_path, monkeypatch):
+    steps = _scripted_dev(monkeypatch, [10.0, 12.0, 11.0, 20.0])  # stage 1: up, down (stop); stage 2: up
+    cfg = EliasConfig().with_overrides([*TINY, "train.stage1_epochs=4", "train.stage2_epochs=1", "train.patience=1",
+                                        "train.reranker=false"])
+    run_training(bibtex, tmp_path / "m", cfg, progress=False)
+    assert steps.count(1) == 3 * HELD_OUT_STEPS_PER_EPOCH  # epoch 4 never ran
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert [(r["stage"], r["epoch"]) for r in meta["history"]] == [(1, 1), (1, 2), (1, 3), (2, 1)]
+    assert meta["selected"] == {"stage": 2, "epoch": 1, "P@5": 20.0}
+
+
+def test_stage2_stops_at_its_probe_unless_it_beats_stage1(bibtex, tmp_path, monkeypatch):
+    cfg = EliasConfig().with_overrides([*TINY, "train.stage2_probe_fraction=0.3", "train.patience=1",
+                                        "train.reranker=false"])
+    steps = _scripted_dev(monkeypatch, [10.0, 12.0, 11.5])  # stage 1's best is 12; the probe sees 11.5
+    run_training(bibtex, tmp_path / "skipped", cfg, progress=False)
+    assert steps.count(2) == 3  # ceil(0.3 * 9) steps of stage 2
+    meta = json.loads((tmp_path / "skipped" / "model.json").read_text())
+    assert meta["selected"]["stage"] == 1 and meta["stage"] == 1
+    assert meta["stage2_skipped"].startswith("stopped after 3 of its 18 steps: dev P@5 11.50 did not beat")
+    assert meta["history"][-1]["steps"] == 3
+
+    steps = _scripted_dev(monkeypatch, [10.0, 12.0, 13.0, 14.0, 15.0])  # the probe beats stage 1: stage 2 goes on
+    run_training(bibtex, tmp_path / "kept", cfg, progress=False)
+    assert steps.count(2) == 2 * HELD_OUT_STEPS_PER_EPOCH
+    meta = json.loads((tmp_path / "kept" / "model.json").read_text())
+    assert meta["selected"] == {"stage": 2, "epoch": 2, "P@5": 15.0} and "stage2_skipped" not in meta

@@ -17,16 +17,26 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from elias_retrieval.atomic import atomic_dir, write_json
 from elias_retrieval.config import EliasConfig, TrainConfig
-from elias_retrieval.data import Dataset, has_split, read_split
-from elias_retrieval.encoders import Encoder, EncoderInputs, TfidfEncoder, TransformerEncoder, default_transformer_path
+from elias_retrieval.data import Dataset, dataset_data_config, has_split, read_split
+from elias_retrieval.encoders import (
+    Encoder,
+    EncoderInputs,
+    SparseInputs,
+    TfidfEncoder,
+    TransformerEncoder,
+    default_transformer_path,
+)
 from elias_retrieval.evaluation import evaluate_split, predict
 from elias_retrieval.features import TfidfFeaturizer
 from elias_retrieval.model import EliasModel
 from elias_retrieval.modeldir import TrainedModel, load_model_dir, save_model_dir
+from elias_retrieval.precision import PrecisionError, matmul_dtype
 from elias_retrieval.search import cluster_scores
 from trainer import checkpoint
 from trainer.clustering import balanced_clusters, pifa
 from trainer.graph_init import cluster_affinity, init_graph
+from trainer.label_init import centroid_init, label_centroids
+from trainer.memory import reuse_freed_memory
 from trainer.optim import RowAdam
 from trainer.reranker import choose_pruning, train_ranker
 
@@ -41,10 +51,11 @@ class TrainingError(ValueError):
 class TrainData:
     train: Dataset
     dev: Dataset | None
-    X_train: sp.csr_matrix
+    X_train: sp.csr_matrix  # rows of the train documents that have text
     Y_train: sp.csr_matrix  # (N, L) known labels
     label_counts: np.ndarray
     dev_is_holdout: bool = False  # dev was split off train (the dataset has none)
+    empty_train: int = 0  # train documents left out: no text in the text fields
 
 
 def pick_device(name: str) -> torch.device:
@@ -92,6 +103,17 @@ def load_data(dataset_dir: Path, cfg: EliasConfig, featurizer: TfidfFeaturizer |
         held_out = " (held out from train: the dataset has no dev split)" if dev is not None else ""
     _log(f"read {len(train):,} train / {len(dev) if dev else 0:,} dev points{held_out}, "
          f"{train.num_labels:,} labels ({time.perf_counter() - t0:.1f} s)", progress)
+    empty = train.empty_rows()
+    fields = ", ".join(cfg.data.text_fields)
+    if len(empty) == len(train):
+        raise TrainingError(f"{dataset_dir}: no train document has text in the text fields ({fields})")
+    if len(empty):
+        _log(f"{len(empty):,} of {len(train):,} train documents have no text in {fields}: left out of training",
+             progress)
+        train = train.subset(np.setdiff1d(np.arange(len(train)), empty))
+    if dev is not None and len(dev_empty := dev.empty_rows()):
+        _log(f"{len(dev_empty):,} of {len(dev):,} dev documents have no text in {fields}: they count as misses",
+             progress)
     t0 = time.perf_counter()
     if featurizer is None:
         featurizer, X = TfidfFeaturizer.fit_transform(train, cfg.features)
@@ -102,7 +124,7 @@ def load_data(dataset_dir: Path, cfg: EliasConfig, featurizer: TfidfFeaturizer |
     counts = np.asarray(Y.sum(0)).ravel().astype(np.int64)
     if Y.nnz == 0:
         raise TrainingError(f"{dataset_dir}: the train split has no labels")
-    return featurizer, TrainData(train, dev, X, Y, counts, dev_is_holdout=bool(held_out))
+    return featurizer, TrainData(train, dev, X, Y, counts, dev_is_holdout=bool(held_out), empty_train=len(empty))
 
 
 def stage_epochs(t: TrainConfig, stage: int, steps_per_epoch: int) -> int:
@@ -144,12 +166,39 @@ def make_optimizers(model: EliasModel, cfg: EliasConfig, stage: int, total_steps
     ]
     if stage == 2:
         groups.append({"params": [model.A_logits], "lr": t.lr_graph, "weight_decay": 0.0})
-    opts: dict[str, torch.optim.Optimizer] = {"dense": torch.optim.AdamW(groups, weight_decay=t.weight_decay)}
+    opts: dict[str, torch.optim.Optimizer] = {"dense": _adamw(groups, t.weight_decay)}
     if sparse:
         opts["sparse"] = RowAdam(sparse, lr=lr_enc)
     lam = _schedule(total_steps, t.warmup_fraction)
     scheds = {name: torch.optim.lr_scheduler.LambdaLR(o, lam) for name, o in opts.items()}
     return opts, scheds
+
+
+def train_step(model: EliasModel, inputs: EncoderInputs, Y: sp.csr_matrix, rows: np.ndarray, lam: float,
+               opts: dict[str, torch.optim.Optimizer], device: torch.device,
+               dtype: torch.dtype = torch.float32) -> tuple[float, dict[str, float]]:
+    """One optimiser step on the training points `rows`: the ELIAS loss, its gradients, every optimiser's update.
+    Returns the loss and the loss's statistics."""
+    batch = inputs.batch(rows, device)
+    yb = Y[rows].tocoo()
+    pos_rows = torch.from_numpy(yb.row.astype(np.int64)).to(device)
+    pos_labels = torch.from_numpy(yb.col.astype(np.int64)).to(device)
+    loss, stats = model.loss(batch, pos_rows, pos_labels, lam, dtype)
+    for o in opts.values():
+        o.zero_grad(set_to_none=True)
+    loss.backward()
+    for o in opts.values():
+        o.step()
+    return float(loss.detach()), stats
+
+
+def _adamw(groups: list[dict[str, Any]], weight_decay: float) -> torch.optim.Optimizer:
+    """torch's fused AdamW (one kernel per step instead of a dozen passes over W_L: 7x faster on the CPU), or the
+    plain one where fused kernels are not available for these parameters."""
+    try:
+        return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, weight_decay=weight_decay)
 
 
 @torch.no_grad()
@@ -176,13 +225,17 @@ class Trainer:
         self.dataset_dir, self.out_dir = Path(dataset_dir), Path(out_dir)
         self.cfg, self.progress = cfg, progress
         self.device = pick_device(cfg.train.device)
+        try:
+            self.matmul_dtype = matmul_dtype(cfg.train.precision, self.device)
+        except PrecisionError as e:
+            raise TrainingError(str(e)) from None
         self.history: list[dict[str, Any]] = []
+        self.stage2_skipped = ""  # why stage 2 stopped at its probe, when it did
+        self.dev_inputs: EncoderInputs | None = None
         self.timings: dict[str, float] = {}
 
     # ---- setup ---------------------------------------------------------------------------------
     def _prepare(self, resume: bool) -> tuple[TfidfFeaturizer, TrainData]:
-        if not self.dataset_dir.is_dir():
-            raise TrainingError(f"{self.dataset_dir}: dataset directory not found")
         if self.cfg.train.threads > 0:
             torch.set_num_threads(self.cfg.train.threads)
         featurizer = TfidfFeaturizer.load(self.out_dir / "featurizer") if resume else None
@@ -194,7 +247,8 @@ class Trainer:
         return featurizer, data
 
     def _save(self, model: EliasModel, data: TrainData, extra: dict[str, Any]) -> None:
-        meta = {"num_train": len(data.train), "timings": self.timings, **extra}
+        meta = {"num_train": len(data.train), "empty_train_documents": data.empty_train, "timings": self.timings,
+                **extra}
         save_model_dir(self.out_dir, model, self.cfg, data.train.vocab, model_featurizer(model, self.featurizer),
                        torch.from_numpy(data.label_counts), meta)
 
@@ -207,8 +261,13 @@ class Trainer:
             raise TrainingError(
                 f"{self.out_dir} already holds a training run: pass --resume, or choose a new directory"
             )
+        if not self.dataset_dir.is_dir():
+            raise TrainingError(f"{self.dataset_dir}: dataset directory not found")
+        if not resume:  # the fields used are recorded: evaluating and serving the model read texts the same way
+            cfg.data = dataset_data_config(self.dataset_dir, cfg.data)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.out_dir / "config.json", cfg.to_dict())
+        reuse_freed_memory()
         t_start = time.perf_counter()
         self.featurizer, data = self._prepare(resume)
         L = data.train.num_labels
@@ -236,7 +295,15 @@ class Trainer:
             progress_state = {"stage": 1, "epoch": 0}
         self.timings.update(progress_state.get("timings", {}))
 
-        inputs = model.encoder.prepare(data.train)
+        # The tf-idf encoder reads the features load_data computed; another encoder tokenises the texts.
+        inputs = SparseInputs(data.X_train) if isinstance(model.encoder, TfidfEncoder) else \
+            model.encoder.prepare(data.train)
+        if not resume and cfg.train.init == "centroid":
+            t0 = time.perf_counter()
+            centroids = label_centroids(model, inputs, data.Y_train, cfg.train.eval_batch_size, self.device)
+            n = centroid_init(model, centroids, partition, cfg.train.init_scale, cfg.train.init_label_bias)
+            self.timings["init_s"] = time.perf_counter() - t0
+            _log(f"W_L and W_C start at label centroids ({n:,} labels, {self.timings['init_s']:.1f} s)", self.progress)
         stage = int(progress_state["stage"])
         if stage == 1:
             self._run_stage(model, data, inputs, 1, progress_state, state_t, state_m)
@@ -264,6 +331,9 @@ class Trainer:
         if best.exists():  # record the total time in the selected model's metadata
             meta = json.loads(best.read_text())
             meta["timings"] = {**meta.get("timings", {}), **self.timings}
+            meta["history"] = self.history
+            if self.stage2_skipped:
+                meta["stage2_skipped"] = self.stage2_skipped
             write_json(best, meta)
         return load_model_dir(self.out_dir, self.device)
 
@@ -280,6 +350,13 @@ class Trainer:
         if state_t:
             checkpoint.restore_training(state_t, state_m, opts, scheds)
         Y = data.Y_train
+        has_dev = data.dev is not None
+        # Stage 2 must earn its time: it is evaluated on dev early, after a fraction of its first epoch, and
+        # stopped there unless it already does better than the stage-1 model.
+        probe_at = math.ceil(t.stage2_probe_fraction * steps_per_epoch) if (
+            stage == 2 and has_dev and start_epoch == 0 and best_metric >= 0 and 0 < t.stage2_probe_fraction < 1
+            and epochs > 0) else 0
+        stale = int(progress_state.get("stale", 0))  # evaluations in a row without a better dev metric
         for epoch in range(start_epoch, epochs):
             t_epoch = time.perf_counter()
             seed = t.seed + 1000 * stage + epoch
@@ -288,31 +365,27 @@ class Trainer:
             if stage == 2:
                 model.update_parents()
             model.train()
-            tot_loss, tot_recall, seen = 0.0, 0.0, 0
+            tot_loss, tot_recall, seen, probe = 0.0, 0.0, 0, None
             with Progress(TextColumn("[bold]stage {task.fields[stage]} epoch {task.fields[epoch]}"), BarColumn(),
                           MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
                           TextColumn("{task.fields[rate]:.0f} ex/s"), TimeElapsedColumn(),
                           disable=not self.progress, transient=True) as bar:
                 task = bar.add_task("", total=n, stage=stage, epoch=f"{epoch + 1}/{epochs}", loss=0.0, rate=0.0)
-                for start in range(0, n, t.batch_size):
+                for step, start in enumerate(range(0, n, t.batch_size), 1):
                     rows = order[start: start + t.batch_size]
-                    batch = inputs.batch(rows, self.device)
-                    yb = Y[rows].tocoo()
-                    pos_rows = torch.from_numpy(yb.row.astype(np.int64)).to(self.device)
-                    pos_labels = torch.from_numpy(yb.col.astype(np.int64)).to(self.device)
-                    loss, stats = model.loss(batch, pos_rows, pos_labels, lam)
-                    for o in opts.values():
-                        o.zero_grad(set_to_none=True)
-                    loss.backward()
-                    for o in opts.values():
-                        o.step()
+                    loss, stats = train_step(model, inputs, Y, rows, lam, opts, self.device, self.matmul_dtype)
                     for s in scheds.values():
                         s.step()
-                    tot_loss += float(loss.detach()) * len(rows)
+                    tot_loss += loss * len(rows)
                     tot_recall += stats["recall"] * len(rows)
                     seen += len(rows)
                     bar.update(task, advance=len(rows), loss=tot_loss / seen,
                                rate=seen / max(1e-9, time.perf_counter() - t_epoch))
+                    if epoch == 0 and step == probe_at and step < steps_per_epoch:
+                        probe = self._evaluate_dev(model, data)
+                        if probe[t.select_metric] <= best_metric:
+                            break
+                        model.train()
             record: dict[str, Any] = {
                 "stage": stage, "epoch": epoch + 1, "loss": tot_loss / max(1, seen),
                 "train_shortlist_recall": tot_recall / max(1, seen), "epoch_s": time.perf_counter() - t_epoch,
@@ -320,31 +393,52 @@ class Trainer:
             key = f"stage{stage}_train_s"
             self.timings[key] = self.timings.get(key, 0.0) + record["epoch_s"]
             last = epoch + 1 == epochs
-            if data.dev is not None and (last or (t.eval_every and (epoch + 1) % t.eval_every == 0)):
-                t_eval = time.perf_counter()
-                model.eval()
-                dev = evaluate_split(model.encoder, model.search_tensors(), data.dev, data.label_counts,
-                                     len(data.train), cfg.model.beam_size, cfg.model.shortlist_size,
-                                     t.eval_batch_size)
-                record["dev"] = {k: dev[k] for k in ("P@1", "P@5", "nDCG@5", "R@10", "R@100")}
-                record["eval_s"] = time.perf_counter() - t_eval
-                self.timings["dev_eval_s"] = self.timings.get("dev_eval_s", 0.0) + record["eval_s"]
+            stopped = probe is not None and probe[t.select_metric] <= best_metric
+            if stopped:
+                record.update(steps=probe_at, dev=probe)
+                self.stage2_skipped = (
+                    f"stopped after {probe_at} of its {epochs * steps_per_epoch} steps: dev {t.select_metric} "
+                    f"{probe[t.select_metric]:.2f} did not beat the stage-1 model's {best_metric:.2f}")
+            elif has_dev and (last or (t.eval_every and (epoch + 1) % t.eval_every == 0)):
+                record["dev"] = self._evaluate_dev(model, data)
             self.history.append(record)
             _log(_format_record(record), self.progress)
+            if stopped:
+                _log(f"stage 2 {self.stage2_skipped}: the stage-1 model is kept", self.progress)
             metric = record.get("dev", {}).get(t.select_metric, -1.0)
-            improved = data.dev is None or metric > best_metric
-            # The stage-1 model competes too: stage 2 replaces it only by doing better on dev.
-            stage1_candidate = stage == 1 and last and data.dev is not None
-            if stage1_candidate or (stage == 2 and (improved or (data.dev is None and last))):
+            improved = "dev" in record and metric > best_metric
+            if improved or (not has_dev and last and stage == 2):
                 best_metric = max(best_metric, metric)
                 self._save(model, data, {"selected": {"stage": stage, "epoch": epoch + 1, t.select_metric: metric},
                                          "history": self.history})
-            progress = {"stage": stage, "epoch": epoch + 1, "best_metric": best_metric, "history": self.history,
-                        "timings": self.timings}
+            stale = 0 if improved else stale + ("dev" in record)
+            # Dev early stopping: a stage ends once `patience` evaluations in a row did not improve on the best.
+            stopped = stopped or (has_dev and t.patience > 0 and stale >= t.patience)
+            if stopped and not last:
+                _log(f"stage {stage}: dev {t.select_metric} has not improved; the stage ends here", self.progress)
+            progress = {"stage": stage, "epoch": epochs if stopped else epoch + 1, "best_metric": best_metric,
+                        "stale": stale, "history": self.history, "timings": self.timings}
             checkpoint.save_state(self.out_dir, model, opts, scheds, progress)
             self._append_history(record)
+            if stopped:
+                break
         progress_state["epoch"] = epochs
         progress_state["best_metric"] = best_metric
+
+    def _evaluate_dev(self, model: EliasModel, data: TrainData) -> dict[str, float]:
+        """The model's dev metrics (P@1, P@5, nDCG@5, R@10, R@100) at the search defaults; leaves it in eval mode."""
+        t0 = time.perf_counter()
+        model.eval()
+        cfg = self.cfg
+        assert data.dev is not None
+        if self.dev_inputs is None:  # featurised (or tokenised) once for every evaluation
+            self.dev_inputs = (SparseInputs(self.featurizer.transform(data.dev)) if isinstance(
+                model.encoder, TfidfEncoder) else model.encoder.prepare(data.dev))
+        dev = evaluate_split(model.encoder, model.search_tensors(), data.dev, data.label_counts, len(data.train),
+                             cfg.model.beam_size, cfg.model.shortlist_size, cfg.train.eval_batch_size,
+                             inputs=self.dev_inputs)
+        self.timings["dev_eval_s"] = self.timings.get("dev_eval_s", 0.0) + time.perf_counter() - t0
+        return {k: dev[k] for k in ("P@1", "P@5", "nDCG@5", "R@10", "R@100")}
 
     def _train_reranker(self, data: TrainData) -> None:
         """ELIAS++: fit the sparse ranker on the selected model's training shortlists; its pruning threshold and
@@ -354,7 +448,9 @@ class Trainer:
         best = load_model_dir(self.out_dir, self.device)
         enc, tensors = best.model.encoder, best.model.search_tensors()
         beam, K = cfg.model.beam_size, cfg.model.shortlist_size
-        ids, _ = predict(enc, tensors, data.train, 100, beam, K, t.eval_batch_size, self.progress)
+        tfidf = isinstance(enc, TfidfEncoder)  # its features are the ones load_data computed
+        ids, _ = predict(enc, tensors, data.train, 100, beam, K, t.eval_batch_size, self.progress,
+                         inputs=SparseInputs(data.X_train) if tfidf else None)
         n_jobs = max(1, t.threads or torch.get_num_threads())
         floor = min(t.reranker_thresholds)  # fitted once, keeping every weight any threshold could keep
         ranker = train_ranker(data.X_train, data.Y_train, ids, t.reranker_c, floor, n_jobs=n_jobs,
@@ -362,8 +458,10 @@ class Trainer:
         threshold = max(t.reranker_thresholds)
         report: dict[str, Any] = {}
         if data.dev is not None:
-            dev_ids, dev_scores = predict(enc, tensors, data.dev, 100, beam, K, t.eval_batch_size)
-            X_dev = self.featurizer.transform(data.dev)
+            dev_ids, dev_scores = predict(enc, tensors, data.dev, 100, beam, K, t.eval_batch_size,
+                                          inputs=self.dev_inputs)
+            X_dev = self.dev_inputs.X if isinstance(self.dev_inputs, SparseInputs) else \
+                self.featurizer.transform(data.dev)
             threshold, weight, by_threshold = choose_pruning(
                 ranker, t.reranker_thresholds, X_dev, dev_ids, dev_scores, data.dev.labels, data.label_counts,
                 len(data.train), t.select_metric)
