@@ -34,7 +34,7 @@ lint: setup
 # Full-size benchmarks, one after another (each rewrites its own section of BENCHMARKS.md); run them on a quiet
 # machine. The dtype, quality-vs-latency and gRPC quality runs use the model the EURLEX57K quality run trains.
 bench: setup
-	$(PY) bench/quality_eurlex57k.py --data $(DATA)/eurlex57k --out $(RUN_DIR)/bench-eurlex57k
+	$(PY) bench/quality.py $(DATA)/eurlex57k --out $(RUN_DIR)/bench-eurlex57k
 	$(PY) bench/index_load.py --quality $(RUN_DIR)/bench-eurlex57k/model $(DATA)/eurlex57k
 	$(PY) bench/recall_latency.py --model $(RUN_DIR)/bench-eurlex57k/model --data $(DATA)/eurlex57k
 	$(VENV)/bin/elias build-index $(RUN_DIR)/bench-eurlex57k/model $(RUN_DIR)/bench-eurlex57k-index --quiet

@@ -1,7 +1,7 @@
 """Quality vs latency on EURLEX57K: ELIAS's beam search against faiss HNSW / IVF / flat over the same W_L, and
 XR-Linear (BENCHMARKS.md, "Quality vs latency on EURLEX57K"; plot docs/recall_latency_eurlex57k.png).
 
-    .venv/bin/python bench/recall_latency.py                      # needs bench/quality_eurlex57k.py's model
+    .venv/bin/python bench/recall_latency.py                      # needs bench/quality.py's EURLEX57K model
     .venv/bin/python bench/recall_latency.py --queries 200 --max-points 500 --skip-xrlinear --no-write
     .venv/bin/python bench/recall_latency.py --quick --benchmarks-file /tmp/B.md --plot /tmp/p.png   # synthetic
 
@@ -328,7 +328,7 @@ def main() -> None:
                 f"kappa = {raw.A_ids.shape[1]}, d = {args.dim}; each query's one label is the planted one")
     else:
         if not (args.model / "model.json").is_file():
-            print(f"{args.model}: no trained model; run bench/quality_eurlex57k.py first", file=sys.stderr)
+            print(f"{args.model}: no trained model; run bench/quality.py first", file=sys.stderr)
             sys.exit(2)
         from elias_retrieval.data import read_split
         from elias_retrieval.modeldir import load_model_dir

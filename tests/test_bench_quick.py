@@ -95,7 +95,7 @@ def eurlex_quick(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pat
     if not EURLEX.is_dir():
         pytest.skip(f"real data not found at {EURLEX}")
     tmp = tmp_path_factory.mktemp("bench-eurlex57k")
-    text = run_quick("quality_eurlex57k.py", tmp / "B.md", "--skip-xrlinear", "--data", str(EURLEX),
+    text = run_quick("quality.py", tmp / "B.md", str(EURLEX), "--skip-xrlinear",
                      "--out", str(tmp / "run"))
     yield tmp / "run", text
 

@@ -37,4 +37,4 @@ def test_a_missing_model_is_one_line_and_exit_2(tmp_path: Path) -> None:
                          cwd=root, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "run bench/quality_eurlex57k.py first" in lines[0], res.stderr
+    assert len(lines) == 1 and "run bench/quality.py first" in lines[0], res.stderr
