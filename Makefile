@@ -35,6 +35,10 @@ lint: setup
 # machine. The dtype, quality-vs-latency and gRPC quality runs use the model the EURLEX57K quality run trains.
 bench: setup
 	$(PY) bench/quality.py $(DATA)/eurlex57k --out $(RUN_DIR)/bench-eurlex57k
+	$(PY) bench/quality.py $(DATA)/tibkat --out $(RUN_DIR)/bench-tibkat
+	$(PY) bench/quality.py $(DATA)/xc/bibtex --out $(RUN_DIR)/bench-bibtex
+	$(PY) bench/quality.py $(DATA)/xc/delicious --out $(RUN_DIR)/bench-delicious
+	$(PY) bench/train_profile.py --data $(DATA)/tibkat
 	$(PY) bench/index_load.py --quality $(RUN_DIR)/bench-eurlex57k/model $(DATA)/eurlex57k
 	$(PY) bench/recall_latency.py --model $(RUN_DIR)/bench-eurlex57k/model --data $(DATA)/eurlex57k
 	$(VENV)/bin/elias build-index $(RUN_DIR)/bench-eurlex57k/model $(RUN_DIR)/bench-eurlex57k-index --quiet

@@ -147,10 +147,11 @@ def main() -> None:
             f"{n}: P@5 {r['P@5'] - xr_row['P@5']:+.2f} points, R@100 {r['R@100'] - xr_row['R@100']:+.2f} points, "
             f"train time {r['train_s'] / xr_row['train_s']:.2f}x" for n, r in results.items() if n != XR) + "."]
     lines += ["", "Recall@100 by the label's number of training positives (micro-averaged over test (point, label) "
-              "pairs; 0: labels never seen in training):", "",
+              "pairs; 0: labels never seen in training; -: no test label in the bucket):", "",
               "| method | " + " | ".join(BUCKETS) + " |", "| --- | " + " | ".join("---:" for _ in BUCKETS) + " |"]
     for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r.get(f'R@100 [{b}]', float('nan')):.2f}" for b in BUCKETS) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{r[f'R@100 [{b}]']:.2f}" if f"R@100 [{b}]" in r else "-"
+                                                 for b in BUCKETS) + " |")
     t = meta.get("timings", {})
     parts = [f"{k.removesuffix('_s').replace('_', ' ')} {v:.0f} s" for k, v in t.items() if k != "total_s"]
     lines += ["", f"Where ELIAS's training time goes: {', '.join(parts)} (total {t.get('total_s', 0):.0f} s)."]

@@ -76,7 +76,8 @@ class TrainConfig:
     # Small datasets get more epochs: each stage runs at least this many optimiser steps.
     stage1_min_steps: int = 1000
     stage2_min_steps: int = 300
-    # A stage ends after this many dev evaluations in a row without a better select_metric (0 = never early).
+    # A stage ends after this many dev evaluations in a row without a better select_metric, once it has run its
+    # minimum steps (0 = never early).
     patience: int = 1
     # Stage 2 is evaluated on dev after this fraction of its first epoch and stopped there unless it already
     # beats the stage-1 model (0 = no such probe; it then runs its epochs, early stopping aside).

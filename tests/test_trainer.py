@@ -403,3 +403,14 @@ def test_stage2_stops_at_its_probe_unless_it_beats_stage1(bibtex, tmp_path, monk
     assert steps.count(2) == 2 * HELD_OUT_STEPS_PER_EPOCH
     meta = json.loads((tmp_path / "kept" / "model.json").read_text())
     assert meta["selected"] == {"stage": 2, "epoch": 2, "P@5": 15.0} and "stage2_skipped" not in meta
+
+
+def test_early_stopping_waits_for_the_stages_minimum_steps(bibtex, tmp_path, monkeypatch):
+    steps = _scripted_dev(monkeypatch, [10.0, 12.0, 11.0, 11.5, 20.0])  # the dip at epoch 3 does not end stage 1
+    cfg = EliasConfig().with_overrides([*TINY, "train.stage1_epochs=3", "train.stage2_epochs=1", "train.patience=1",
+                                        f"train.stage1_min_steps={4 * HELD_OUT_STEPS_PER_EPOCH}",
+                                        "train.reranker=false"])
+    run_training(bibtex, tmp_path / "m", cfg, progress=False)
+    assert steps.count(1) == 4 * HELD_OUT_STEPS_PER_EPOCH  # raised to 4 epochs by the minimum, all of them run
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert meta["selected"] == {"stage": 2, "epoch": 1, "P@5": 20.0}

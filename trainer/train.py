@@ -412,8 +412,11 @@ class Trainer:
                 self._save(model, data, {"selected": {"stage": stage, "epoch": epoch + 1, t.select_metric: metric},
                                          "history": self.history})
             stale = 0 if improved else stale + ("dev" in record)
-            # Dev early stopping: a stage ends once `patience` evaluations in a row did not improve on the best.
-            stopped = stopped or (has_dev and t.patience > 0 and stale >= t.patience)
+            # Dev early stopping: a stage ends once `patience` evaluations in a row did not improve on the best,
+            # but not before its minimum number of steps (a small dataset's dev split is small and noisy).
+            min_steps = t.stage1_min_steps if stage == 1 else t.stage2_min_steps
+            stopped = stopped or (has_dev and t.patience > 0 and stale >= t.patience
+                                  and (epoch + 1) * steps_per_epoch >= min_steps)
             if stopped and not last:
                 _log(f"stage {stage}: dev {t.select_metric} has not improved; the stage ends here", self.progress)
             progress = {"stage": stage, "epoch": epochs if stopped else epoch + 1, "best_metric": best_metric,
