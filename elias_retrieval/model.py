@@ -22,7 +22,7 @@ class EliasModel(nn.Module):
         self.encoder = encoder
         self.cfg = cfg
         self.num_labels, self.num_clusters = num_labels, num_clusters
-        self.dropout = nn.Dropout(cfg.embed_dropout)
+        self.dropout = nn.Dropout(max(0.0, cfg.embed_dropout))  # -1 (by passes) is set per stage by the trainer
         self.W_C = nn.Parameter(torch.randn(num_clusters, d) * d**-0.5)
         self.b_C = nn.Parameter(torch.zeros(num_clusters))
         self.W_L = nn.Parameter(torch.randn(num_labels, d) * d**-0.5)

@@ -118,3 +118,37 @@ def test_index_dtype_quality_quick_run_on_the_quality_model(eurlex_quick: tuple[
     for dtype in ("fp32", "fp16", "int8"):
         assert has_row(body, rf"^\| {dtype} \| [\d.]+ \| \d+\.\d\d \| "), body
     assert "(200 points)" in body  # --quick evaluates the first 200 test points
+
+
+TIBKAT = ROOT.parent / "shared" / "data" / "tibkat"
+
+
+@pytest.mark.slow
+def test_train_profile_quick_run_writes_both_stages(tmp_path: Path) -> None:
+    if not TIBKAT.is_dir():
+        pytest.skip(f"real data not found at {TIBKAT}")
+    body = section(run_quick("train_profile.py", tmp_path / "B.md"), "## Training step profile")
+    for stage in (1, 2):
+        assert has_row(body, rf"^\| {stage} \| \d+\.\d{{3}} \| [\d,]+ \| [\d,]+ \| [\d,]+ \|$"), body
+        assert f"Stage {stage}, the 12 operators with the most CPU time" in body
+    assert "L = 32,472" in body  # every TIBKAT training label, from the first 2,000 points' vocabulary
+
+
+@pytest.mark.slow
+def test_recipe_sweep_quick_run_writes_a_row_per_variant(tmp_path: Path) -> None:
+    text = run_quick("recipe_sweep.py", tmp_path / "B.md", str(EURLEX), "--only", "defaults", "--only", "dropout-0.5")
+    body = section(text, "## Training recipe on EURLEX57K (dev)")
+    numbers = r" \| \d+\.\d\d \| \d+\.\d\d \| \d+\.\d\d \| \d+ \|$"
+    assert has_row(body, r"^\| defaults \(embedding dropout 0 over these few epochs\) \| `-`" + numbers), body
+    assert has_row(body, r"^\| embedding dropout 0\.5 \(the reference's\) \| `model.embed_dropout=0.5` \| "), body
+    assert "| fp32 label products |" not in body  # --only
+
+
+@pytest.mark.slow
+def test_quality_quick_run_on_an_xc_dataset_lists_its_buckets(tmp_path: Path) -> None:
+    bibtex = ROOT.parent / "shared" / "data" / "xc" / "bibtex"
+    text = run_quick("quality.py", tmp_path / "B.md", str(bibtex), "--out", str(tmp_path / "run"))
+    body = section(text, "## Quality on Bibtex")
+    for method in ("ELIAS++", "ELIAS", "XR-Linear \\(beam 10\\)"):
+        assert has_row(body, rf"^\| {method} \| \d+\.\d\d \| "), body
+    assert has_row(body, r"^\| ELIAS \|( (-|\d+\.\d\d) \|){6}$"), body  # recall by bucket; - for an empty one

@@ -414,3 +414,13 @@ def test_early_stopping_waits_for_the_stages_minimum_steps(bibtex, tmp_path, mon
     assert steps.count(1) == 4 * HELD_OUT_STEPS_PER_EPOCH  # raised to 4 epochs by the minimum, all of them run
     meta = json.loads((tmp_path / "m" / "model.json").read_text())
     assert meta["selected"] == {"stage": 2, "epoch": 1, "P@5": 20.0}
+
+
+def test_embedding_dropout_by_passes_over_the_data():
+    from elias_retrieval.config import ModelConfig
+    from trainer.train import embed_dropout
+
+    auto = ModelConfig()  # embed_dropout -1: by the number of epochs a stage runs
+    assert embed_dropout(auto, 4) == 0.0 and embed_dropout(auto, auto.dropout_epochs) == 0.0
+    assert embed_dropout(auto, auto.dropout_epochs + 1) == 0.5  # a small dataset, seen many times
+    assert embed_dropout(ModelConfig(embed_dropout=0.3), 50) == 0.3  # an explicit value is kept

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from elias_retrieval.atomic import atomic_dir, write_json
-from elias_retrieval.config import EliasConfig, TrainConfig
+from elias_retrieval.config import EliasConfig, ModelConfig, TrainConfig
 from elias_retrieval.data import Dataset, dataset_data_config, has_split, read_split
 from elias_retrieval.encoders import (
     Encoder,
@@ -127,6 +127,14 @@ def load_data(dataset_dir: Path, cfg: EliasConfig, featurizer: TfidfFeaturizer |
     return featurizer, TrainData(train, dev, X, Y, counts, dev_is_holdout=bool(held_out), empty_train=len(empty))
 
 
+def embed_dropout(m: ModelConfig, epochs: int) -> float:
+    """The embedding dropout of a stage that runs `epochs` epochs: the configured one, or with -1 the reference's
+    0.5 for more than `m.dropout_epochs` epochs (many passes over a small dataset) and 0 for fewer."""
+    if m.embed_dropout >= 0:
+        return m.embed_dropout
+    return 0.5 if epochs > m.dropout_epochs else 0.0
+
+
 def stage_epochs(t: TrainConfig, stage: int, steps_per_epoch: int) -> int:
     """The configured epochs, raised so that the stage runs at least its minimum number of steps."""
     epochs, min_steps = (t.stage1_epochs, t.stage1_min_steps) if stage == 1 else (t.stage2_epochs, t.stage2_min_steps)
@@ -232,6 +240,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.stage2_skipped = ""  # why stage 2 stopped at its probe, when it did
         self.dev_inputs: EncoderInputs | None = None
+        self.dropouts: dict[str, float] = {}  # the embedding dropout each stage trained with
         self.timings: dict[str, float] = {}
 
     # ---- setup ---------------------------------------------------------------------------------
@@ -248,7 +257,7 @@ class Trainer:
 
     def _save(self, model: EliasModel, data: TrainData, extra: dict[str, Any]) -> None:
         meta = {"num_train": len(data.train), "empty_train_documents": data.empty_train, "timings": self.timings,
-                **extra}
+                "embed_dropout": self.dropouts, **extra}
         save_model_dir(self.out_dir, model, self.cfg, data.train.vocab, model_featurizer(model, self.featurizer),
                        torch.from_numpy(data.label_counts), meta)
 
@@ -344,6 +353,8 @@ class Trainer:
         steps_per_epoch = math.ceil(n / t.batch_size)
         epochs = stage_epochs(t, stage, steps_per_epoch)
         lam = t.lambda_stage1 if stage == 1 else t.lambda_stage2
+        model.dropout.p = embed_dropout(cfg.model, epochs)
+        self.dropouts[f"stage{stage}"] = model.dropout.p
         opts, scheds = make_optimizers(model, cfg, stage, max(1, epochs * steps_per_epoch))
         start_epoch = int(progress_state.get("epoch", 0))
         best_metric = float(progress_state.get("best_metric", -1.0))
@@ -351,9 +362,9 @@ class Trainer:
             checkpoint.restore_training(state_t, state_m, opts, scheds)
         Y = data.Y_train
         has_dev = data.dev is not None
-        # Stage 2 must earn its time: it is evaluated on dev early, after a fraction of its first epoch, and
-        # stopped there unless it already does better than the stage-1 model.
-        probe_at = math.ceil(t.stage2_probe_fraction * steps_per_epoch) if (
+        # Stage 2 must earn its time: it is evaluated on dev early, after a fraction of its first epoch (of its
+        # minimum steps, when more), and stopped there unless it already does better than the stage-1 model.
+        probe_at = math.ceil(t.stage2_probe_fraction * max(steps_per_epoch, t.stage2_min_steps)) if (
             stage == 2 and has_dev and start_epoch == 0 and best_metric >= 0 and 0 < t.stage2_probe_fraction < 1
             and epochs > 0) else 0
         stale = int(progress_state.get("stale", 0))  # evaluations in a row without a better dev metric
@@ -381,7 +392,7 @@ class Trainer:
                     seen += len(rows)
                     bar.update(task, advance=len(rows), loss=tot_loss / seen,
                                rate=seen / max(1e-9, time.perf_counter() - t_epoch))
-                    if epoch == 0 and step == probe_at and step < steps_per_epoch:
+                    if epoch * steps_per_epoch + step == probe_at:
                         probe = self._evaluate_dev(model, data)
                         if probe[t.select_metric] <= best_metric:
                             break
