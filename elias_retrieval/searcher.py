@@ -244,7 +244,9 @@ class Searcher:
         self.rerank_kinds = [] if ranker is None else (
             (["text"] if getattr(self.featurizer, "kind", None) == "text" else [])
             + (["sparse"] if self.featurizer is enc_featurizer and self.num_features else []))
-        kinds = ["embedding"] + (["text"] if encoder is not None else []) + (["sparse"] if self.num_features else [])
+        # A tf-idf encoder over given sparse features (XC BoW, .npz datasets) has no vocabulary: it takes no text.
+        self.takes_text = encoder is not None and getattr(enc_featurizer, "kind", "text") == "text"
+        kinds = ["embedding"] + (["text"] if self.takes_text else []) + (["sparse"] if self.num_features else [])
         self.max_k = min(max_k, t.num_labels)
         self.max_shortlist_size = max(min(max_shortlist_size, t.num_labels), self.defaults["shortlist_size"])
         self.defaults["k"] = min(self.defaults["k"], self.max_k)
@@ -335,8 +337,12 @@ class Searcher:
             raise QueryError(prefix, "exactly one of text, sparse or embedding must be set" if given
                              else "no query given (set one of text, sparse or embedding)")
         if q.text is not None:
-            if self.encoder is None:
-                raise QueryError(f"{prefix}.text", "this index has no encoder; send an embedding")
+            if not self.takes_text:
+                kinds = {"sparse": "sparse features", "embedding": "an embedding"}
+                send = " or ".join(v for k, v in kinds.items() if k in self.info.query_kinds)
+                why = (f"its {self.info.encoder} encoder reads feature ids, it has no text vocabulary"
+                       if self.encoder is not None else "it has no encoder")
+                raise QueryError(f"{prefix}.text", f"this index takes no text ({why}); send {send}")
             if not isinstance(q.text, str) or not q.text.strip():
                 raise QueryError(f"{prefix}.text", "is empty")
             return q
@@ -492,13 +498,15 @@ class Searcher:
         return res
 
     def warmup(self, batch_sizes: Sequence[int] = (1, 8)) -> None:
-        """Run a few searches (and an encoding, when there is an encoder) so the first request is not slow."""
+        """Run a few searches, and one query of each kind the index takes, so the first request is not slow."""
         g = torch.Generator().manual_seed(0)
         p = self.resolve_params()
         for b in batch_sizes:
             self._search_tensor(torch.randn(b, self.info.dim, generator=g), p)
-        if self.encoder is not None:
+        if self.takes_text:
             self.search_checked([Query(text="warm up")], p)
+        if self.num_features:
+            self.search_checked([Query(sparse=(np.zeros(1, np.int64), np.ones(1, np.float32)))], p)
 
     @property
     def index_version(self) -> str:
