@@ -43,6 +43,10 @@ bench: setup
 	$(PY) bench/recall_latency.py --model $(RUN_DIR)/bench-eurlex57k/model --data $(DATA)/eurlex57k
 	$(VENV)/bin/elias build-index $(RUN_DIR)/bench-eurlex57k/model $(RUN_DIR)/bench-eurlex57k-index --quiet
 	$(PY) bench/grpc_load.py --quality $(RUN_DIR)/bench-eurlex57k-index $(DATA)/eurlex57k
+	$(PY) bench/fuzz_grpc.py
+	$(PY) bench/serve_load.py
+	$(PY) bench/hot_swap.py
+	$(PY) bench/faults.py --model $(RUN_DIR)/bench-eurlex57k/model --work $(RUN_DIR)/scratch-faults
 	$(PY) bench/index_load.py
 	$(PY) bench/search_latency.py
 	$(PY) bench/grpc_load.py

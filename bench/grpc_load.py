@@ -23,12 +23,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import re
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ from report import (  # noqa: E402
 )
 
 SECTION = "## gRPC serving"
+PINNED_SECTION = "## gRPC serving, server and client on separate cores"
 QUALITY_SECTION = "## EURLEX57K over gRPC"
 # --quick: a few seconds, for the test suite; the numbers mean nothing.
 QUICK = {"labels": 10_000, "clusters": 128, "kappa": 100, "dim": 32, "shortlist": 500, "queries": 100, "clients": 4,
@@ -114,28 +116,41 @@ def await_port(proc: subprocess.Popen, lines: Iterable[str], pattern: str) -> st
     raise RuntimeError(f"server did not start (exit {proc.returncode})")
 
 
+def server_cpus(args: argparse.Namespace) -> set[int]:
+    """--pin: the cores the server child runs on (the first `threads`); the benchmark's client gets the others."""
+    return set(range(args.threads)) if getattr(args, "pin", False) else set()
+
+
+def client_cpus(args: argparse.Namespace) -> set[int]:
+    return set(range(args.threads, os.cpu_count() or 1)) if getattr(args, "pin", False) else set()
+
+
 def spawn_server(args: argparse.Namespace, batching: bool) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, __file__, "--role", "server", "--labels", str(args.labels), "--clusters",
            str(args.clusters), "--kappa", str(args.kappa), "--dim", str(args.dim), "--k", str(args.k),
            "--beam", str(args.beam), "--shortlist", str(args.shortlist), "--threads", str(args.threads),
            "--max-batch", str(args.max_batch), "--max-wait-us", str(args.max_wait_us),
            "--batching" if batching else "--no-batching"]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    cpus = server_cpus(args)
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     return proc, await_port(proc, [proc.stdout.readline()], r"^PORT (\d+)")  # type: ignore[union-attr]
 
 
-def spawn_elias_serve(index_dir: Path, threads: int, max_message_mb: int,
-                      load_timeout_s: float = 300.0) -> tuple[subprocess.Popen, str]:
-    """A real `elias serve INDEX_DIR` child on an ephemeral loopback port, once its health check says SERVING.
+def spawn_elias_serve(index_dir: Path, threads: int, max_message_mb: int, load_timeout_s: float = 300.0,
+                      extra: Sequence[str] = (), log: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """A real `elias serve INDEX_DIR [EXTRA...]` child on an ephemeral loopback port, once its health check says
+    SERVING.
 
-    Its stderr (the log) is drained by a thread, so the child never blocks on it; failures quote its tail.
+    Its stderr (the log) is drained by a thread into `log`, so the child never blocks on it; failures quote its tail.
     """
     from elias_retrieval.client import SearchClient
 
     cmd = [sys.executable, "-m", "elias_retrieval", "serve", str(index_dir.resolve()), "--host", "127.0.0.1",
-           "--port", "0", "--device", "cpu", "--threads", str(threads), "--max-message-mb", str(max_message_mb)]
+           "--port", "0", "--device", "cpu", "--threads", str(threads), "--max-message-mb", str(max_message_mb),
+           *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    log: list[str] = []
+    log = [] if log is None else log
 
     def drain() -> None:
         for line in proc.stderr:  # type: ignore[union-attr]
@@ -180,7 +195,8 @@ def stop_server(proc: subprocess.Popen) -> list[float]:
     return json.loads(line.removeprefix("SEARCH_S "))
 
 
-def one_client(address: str, embs: np.ndarray, searcher=None, rounds: int = 4) -> dict[str, list[float]]:
+def one_client(address: str, embs: np.ndarray, searcher=None, rounds: int = 4, local_cpus: set[int] | None = None,
+               grpc_cpus: set[int] | None = None) -> dict[str, list[float]]:
     """Sequential calls from one client: `Search` per query, and an empty `GetIndexInfo` call (the gRPC floor).
 
     With `searcher` (the same index in this process), blocks of in-process `search_embeddings` calls alternate
@@ -201,10 +217,14 @@ def one_client(address: str, embs: np.ndarray, searcher=None, rounds: int = 4) -
         step = -(-len(timed) // rounds)
         for a in range(0, len(timed), step):
             if searcher is not None:
+                if local_cpus:
+                    os.sched_setaffinity(0, local_cpus)  # this thread only: the in-process search on the server's cores
                 for e in embs[50 + a : 50 + a + step]:
                     t0 = time.perf_counter()
                     searcher.search_embeddings(e[None])
                     out["local"].append(time.perf_counter() - t0)
+                if grpc_cpus:
+                    os.sched_setaffinity(0, grpc_cpus)
             for r in timed[a : a + step]:
                 t0 = time.perf_counter()
                 stub.Search(r, timeout=10)
@@ -394,6 +414,9 @@ def main() -> None:
     ap.add_argument("--client-counts", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8, 32, 64],
                     help="load levels, comma-separated")
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--pin", action="store_true",
+                    help="server child on the first --threads cores, the client on the others (the in-process "
+                         "reference runs on the server's cores): the search no longer shares cores with the client")
     ap.add_argument("--quick", action="store_true", help=f"tiny sizes, a few seconds ({QUICK})")
     ap.add_argument("--quality", nargs=2, type=Path, metavar=("INDEX_DIR", "DATASET_DIR"), default=None,
                     help=f"instead: the test split's R@100 over gRPC vs in-process ({QUALITY_SECTION!r})")
@@ -403,6 +426,10 @@ def main() -> None:
     ap.add_argument("--benchmarks-file", type=Path, default=BENCHMARKS, help="where the table goes")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parse_args(ap, QUICK)
+    if args.pin and args.role == "bench":
+        if not 0 < args.threads < (os.cpu_count() or 1):
+            raise SystemExit(f"--pin needs --threads below the {os.cpu_count()} cores, to leave the client one")
+        os.sched_setaffinity(0, client_cpus(args))
     if args.role == "server":
         run_server(args)
         return
@@ -430,7 +457,7 @@ def main() -> None:
         try:
             rss_before = rss_mib(proc.pid)
             if batching:
-                one = one_client(address, embs, searcher)
+                one = one_client(address, embs, searcher, local_cpus=server_cpus(args), grpc_cpus=client_cpus(args))
                 del searcher
                 gc.collect()
                 (ip50, ip99), (g50, g99), (e50, e99) = (percentiles(one[x]) for x in ("local", "grpc", "empty"))
@@ -455,12 +482,14 @@ def main() -> None:
     print(f"batching / no batching throughput at {n_ratio} clients: {ratio:.2f}x")
     if args.no_write:
         return
+    pinning = (f" (server child on cores {sorted(server_cpus(args))}, the client and the in-process reference's "
+               f"timing loop switching between cores {sorted(client_cpus(args))} and the server's)" if args.pin else "")
     setup = (f"synthetic index L = {args.labels:,}, C = {args.clusters:,}, kappa = {args.kappa}, d = {args.dim}, "
              f"fp16 W_L, labels in cluster order (as an index stores them), k = {args.k}, beam = {args.beam}, "
              f"shortlist = {args.shortlist}; embedding queries "
-             f"(`synthetic_queries`, each near one label); server and clients on the same machine, server torch "
-             f"threads = {args.threads}, batching max {args.max_batch} queries / {args.max_wait_us} us; each load "
-             f"level runs {args.seconds:g} s with N calls outstanding at all times")
+             f"(`synthetic_queries`, each near one label); server and clients on the same machine{pinning}, "
+             f"server torch threads = {args.threads}, batching max {args.max_batch} queries / {args.max_wait_us} us; "
+             f"each load level runs {args.seconds:g} s with N calls outstanding at all times")
     lines = [
         f"Setup: {setup}. Machine: {machine_desc}. Date: {today()}. Command: `{command_line()}`.", "",
         "| measurement | p50 (ms) | p99 (ms) | queries/s |",
@@ -484,8 +513,9 @@ def main() -> None:
     lines += ["", f"{ceiling_line(ceiling)} The best throughput, {best:,.0f} queries/s, is "
               f"{best * 2 * args.dim * (args.clusters + args.shortlist) / ceiling['gemm_flops']:.1%} of the GEMM "
               "ceiling counted as the W_C and W_L products' FLOPs."]
-    write_section(SECTION, "\n".join(lines), args.benchmarks_file)
-    print(f"wrote {SECTION!r} in {args.benchmarks_file}")
+    section = PINNED_SECTION if args.pin else SECTION
+    write_section(section, "\n".join(lines), args.benchmarks_file)
+    print(f"wrote {section!r} in {args.benchmarks_file}")
 
 
 if __name__ == "__main__":

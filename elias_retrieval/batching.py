@@ -15,6 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -43,7 +44,9 @@ _STOP = object()
 class DynamicBatcher:
     """Collects (query, future) pairs and searches them in batches on one worker thread."""
 
-    def __init__(self, searcher: Searcher, max_batch: int = 64, max_wait_us: int = 500):
+    def __init__(self, searcher: Searcher, max_batch: int = 64, max_wait_us: int = 500,
+                 on_batch: Callable[[int, bool], None] | None = None):
+        """`on_batch(size, inline)` is told of every search: `size` queries batched by the worker, or one inline."""
         if max_batch < 1 or max_wait_us < 0:
             raise ValueError("max_batch must be >= 1 and max_wait_us >= 0")
         self.searcher = searcher
@@ -56,6 +59,7 @@ class DynamicBatcher:
         self._closed = False
         # Statistics: batches searched, queries searched in them, queries searched inline, queries skipped.
         self.batches = self.queries = self.inline = self.expired = 0
+        self.on_batch = on_batch
         self._thread = threading.Thread(target=self._run, name="elias-batcher", daemon=True)
         self._thread.start()
 
@@ -80,7 +84,9 @@ class DynamicBatcher:
                 return False
             self._announced, self._busy = 0, 1
             self.inline += 1
-            return True
+        if self.on_batch is not None:
+            self.on_batch(1, True)
+        return True
 
     def inline_done(self) -> None:
         with self._lock:
@@ -170,6 +176,8 @@ class DynamicBatcher:
                 continue
             self.batches += 1
             self.queries += len(jobs)
+            if self.on_batch is not None:
+                self.on_batch(len(jobs), False)
             for i, j in enumerate(jobs):
                 row = res.rows(i, i + 1, j.params.k)
                 if not j.params.explain:

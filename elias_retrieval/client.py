@@ -3,20 +3,26 @@
     with SearchClient("127.0.0.1:50051") as c:
         res = c.search(text="common organisation of the market in wine", k=10)
         res.label_names[0], res.scores[0], c.last_index_version
+
+    with SearchClient("search.internal:50051", tls_ca="ca.pem", tls_cert="client.pem", tls_key="client.key") as c:
+        ...  # TLS; the client certificate only for a server that asks for one (mutual TLS)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from elias_retrieval.proto.elias.v1 import admin_pb2, admin_pb2_grpc
 from elias_retrieval.proto.elias.v1 import searcher_pb2 as pb
 from elias_retrieval.proto.elias.v1 import searcher_pb2_grpc as pb_grpc
 from elias_retrieval.searcher import LabelStrings, Query, SearchResults
+from elias_retrieval.tls import channel_credentials
 
 
 def query_to_proto(q: Query) -> pb.Query:
@@ -65,15 +71,26 @@ def results_from_proto(results: Sequence[pb.SearchResult]) -> SearchResults:
 
 
 class SearchClient:
-    """Blocking client over one channel. Errors are `grpc.RpcError` with the server's status and message."""
+    """Blocking client over one channel. Errors are `grpc.RpcError` with the server's status and message.
 
-    def __init__(self, target: str, timeout: float | None = 30.0, max_message_bytes: int = 4 << 20):
+    TLS when `tls_ca` (the PEM CA that signed the server's certificate) or a client certificate is given: with
+    `tls_cert` and `tls_key` for a server that wants one (mutual TLS), and without `tls_ca` the system's roots.
+    """
+
+    def __init__(self, target: str, timeout: float | None = 30.0, max_message_bytes: int = 4 << 20,
+                 tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
+                 tls_key: str | Path | None = None):
         self.target = target
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(target, options=[
+        options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-        ])
+        ]
+        if tls_ca is not None or tls_cert is not None or tls_key is not None:
+            creds = channel_credentials(tls_ca, tls_cert, tls_key)
+            self.channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
         self.stub = pb_grpc.SearcherStub(self.channel)
         self.last_index_version = ""
 
@@ -122,3 +139,9 @@ class SearchClient:
         resp = self.stub.SearchBatch(req, timeout=timeout or self.timeout)
         self.last_index_version = resp.index_version
         return results_from_proto(resp.results)
+
+    def reload_index(self, path: str | None = None, timeout: float | None = None) -> admin_pb2.ReloadIndexResponse:
+        """elias.v1.Admin/ReloadIndex (a server started with --admin): swap in the index at `path` on the server
+        (default: its INDEX_DIR, resolved again); FAILED_PRECONDITION when refused, ABORTED during another reload."""
+        req = admin_pb2.ReloadIndexRequest() if path is None else admin_pb2.ReloadIndexRequest(path=path)
+        return admin_pb2_grpc.AdminStub(self.channel).ReloadIndex(req, timeout=timeout or self.timeout)

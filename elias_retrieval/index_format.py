@@ -9,9 +9,10 @@
       ranker/              optional ELIAS++ re-ranker, as `SparseRanker.save` wrote it
       featurizer/          the re-ranker's tf-idf featurizer, when the encoder does not hold it (transformer)
 
-Writing is atomic (a temporary directory beside OUT, fsynced, then renamed). Reading memory-maps the tensors
-(pages are read when search touches them), checks version, file sizes, header, shapes and dtypes, and runs no
-code from the files: no pickle anywhere. `verify_index` adds the sha256 of every file.
+Writing is atomic (a temporary directory beside OUT, fsynced, then swapped in: atomic.atomic_dir). Reading
+memory-maps the tensors (pages are read when search touches them), checks version, file sizes, header, shapes
+and dtypes, writes nothing, and runs no code from the files: no pickle anywhere. `verify_index` adds the
+sha256 of every file.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from elias_retrieval.atomic import atomic_dir
+from elias_retrieval.atomic import atomic_dir, leftover_previous
 from elias_retrieval.label_layout import cluster_order, is_permutation, relabel_rows, rows_of
 from elias_retrieval.search import SearchTensors
 
@@ -438,6 +439,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest, checked for format name, version and the keys this reader needs."""
     p = Path(path) / MANIFEST
     if not Path(path).is_dir():
+        # A reader never writes (read-only mounts, a serving user), so it does not rename a previous index back.
+        if (old := leftover_previous(path)) is not None:
+            raise IndexFormatError(f"{path}: no such index directory; a build killed while replacing it left the "
+                                   f"previous index at {old}: the next build into {path} renames it back")
         raise IndexFormatError(f"{path}: no such index directory")
     try:
         manifest = json.loads(p.read_text(encoding="utf-8"))

@@ -12,6 +12,7 @@ Vectorised throughout: a million labels at d = 256 take a few seconds.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -116,3 +117,30 @@ def synthetic_queries(t: SearchTensors, n: int, seed: int = 0, noise: float = 0.
         w = w * t.W_L_scale[labels].unsqueeze(1)
     q = F.normalize(w, dim=1) + torch.randn(n, t.dim, generator=g) * (noise / math.sqrt(t.dim))
     return F.normalize(q, dim=1), t.labels_of(labels)
+
+
+def write_synthetic_index(
+    out: str | Path,
+    num_labels: int,
+    dim: int = 256,
+    kappa: int = 1000,
+    num_clusters: int | None = None,
+    seed: int = 0,
+    dtype: str = "fp16",
+    defaults: dict[str, int] | None = None,
+) -> Path:
+    """Write `synthetic_tensors` as an index directory at `out` (atomically) that `elias serve` can serve.
+
+    It has no encoder (embedding queries only) and label ids "0" .. "L-1". W_L is generated straight in fp16
+    for an fp16 or int8 index, so 1M labels at d = 256 need about 1 GB of memory while writing.
+    """
+    from elias_retrieval.data import LabelVocab
+    from elias_retrieval.index_format import write_index
+
+    t = synthetic_tensors(num_labels, dim=dim, kappa=kappa, num_clusters=num_clusters, seed=seed,
+                          dtype="fp32" if dtype == "fp32" else "fp16")
+    labels = LabelVocab([str(i) for i in range(num_labels)])
+    meta = {"synthetic": {"num_labels": num_labels, "dim": dim, "kappa": int(t.A_ids.shape[1]), "seed": seed}}
+    write_index(out, t, labels, None, dtype=dtype, defaults=defaults or {"k": 100, "beam_size": 20,
+                                                                          "shortlist_size": 2000}, meta=meta)
+    return Path(out)

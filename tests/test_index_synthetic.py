@@ -42,3 +42,18 @@ def test_queries_find_their_label_first():
 def test_same_seed_same_tensors():
     a, b = synthetic_tensors(3_000, dim=16, kappa=100, seed=9), synthetic_tensors(3_000, dim=16, kappa=100, seed=9)
     assert torch.equal(a.W_L, b.W_L) and torch.equal(a.A_ids, b.A_ids) and torch.equal(a.W_C, b.W_C)
+
+
+def test_a_written_synthetic_index_opens_and_finds_its_queries(tmp_path):
+    from elias_retrieval.searcher import Searcher
+    from elias_retrieval.synthetic import write_synthetic_index
+
+    out = write_synthetic_index(tmp_path / "ix", 4_000, dim=32, kappa=200, seed=3,
+                                defaults={"k": 10, "beam_size": 8, "shortlist_size": 300})
+    s = Searcher.open(out, device="cpu")
+    assert (s.info.num_labels, s.info.dim, s.info.query_kinds) == (4_000, 32, ["embedding"])
+    assert s.defaults == {"k": 10, "beam_size": 8, "shortlist_size": 300}
+    q, labels = synthetic_queries(synthetic_tensors(4_000, dim=32, kappa=200, seed=3), 50, seed=1)
+    res = s.search_embeddings(q.numpy())
+    assert (res.ids[:, 0] == labels.numpy()).mean() >= 0.95  # dense ids = label ids "0" .. "L-1"
+    assert res.label_ids[0][0] == str(res.ids[0, 0])

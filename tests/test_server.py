@@ -274,3 +274,32 @@ def test_requests_over_the_message_size_limit_are_refused():
             assert c.search(embedding=np.ones(D, np.float32), k=3, timeout=5).ids.shape == (1, 3)
     finally:
         server.stop(0)
+
+
+@pytest.mark.parametrize("body", [b"\xff\xff\xff", b"\x0a\x03\x0a\x01\xff", b"\x0a\x02\x0a"],
+                         ids=["bad-wire-type", "invalid-utf8-text", "truncated"])
+def test_bytes_that_are_not_a_request_get_invalid_argument_not_internal(served, body):
+    server, _, client = served
+    with grpc.insecure_channel(server.address) as ch:
+        for method in ("Search", "SearchBatch"):
+            raw = ch.unary_unary(f"/elias.v1.Searcher/{method}", request_serializer=None, response_deserializer=None)
+            with pytest.raises(grpc.RpcError) as e:
+                raw(body, timeout=5)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+            assert e.value.details().startswith(f"request: not a valid elias.v1.{method}Request")
+        raw = ch.unary_unary("/elias.v1.Searcher/Search", request_serializer=None, response_deserializer=None)
+        good = pb.SearchRequest(query=pb.Query(embedding=pb.DenseEmbedding(values=[1.0] * D)))
+        assert len(pb.SearchResponse.FromString(raw(good.SerializeToString(), timeout=5)).result.hits) == 10
+    assert client.health() == "SERVING"
+
+
+def test_queued_calls_without_a_deadline_are_answered():
+    server = start_server(slow_searcher(0.05), loopback(), warmup=False)
+    try:
+        with grpc.insecure_channel(server.address) as ch:
+            stub = pb_grpc.SearcherStub(ch)
+            req = pb.SearchRequest(query=pb.Query(embedding=pb.DenseEmbedding(values=[1.0] * D)))
+            futs = [stub.Search.future(req) for _ in range(6)]  # no timeout: no deadline on the wire
+            assert all(len(f.result().result.hits) == 10 for f in futs)  # at most one was searched inline
+    finally:
+        server.stop(0)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import elias_retrieval.search as search_mod
+from elias_retrieval.malloc import reuse_freed_memory
 from elias_retrieval.precision import PrecisionError, has_fast_bf16, matmul_dtype
 from elias_retrieval.search import batch_label_logits, cluster_scores, shortlist
-from trainer.memory import reuse_freed_memory
 from trainer.optim import RowAdam
 
 

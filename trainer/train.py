@@ -28,6 +28,7 @@ from elias_retrieval.encoders import (
 )
 from elias_retrieval.evaluation import evaluate_split, predict
 from elias_retrieval.features import TfidfFeaturizer
+from elias_retrieval.malloc import reuse_freed_memory
 from elias_retrieval.model import EliasModel
 from elias_retrieval.modeldir import TrainedModel, load_model_dir, save_model_dir
 from elias_retrieval.precision import PrecisionError, matmul_dtype
@@ -36,7 +37,6 @@ from trainer import checkpoint
 from trainer.clustering import balanced_clusters, pifa
 from trainer.graph_init import cluster_affinity, init_graph
 from trainer.label_init import centroid_init, label_centroids
-from trainer.memory import reuse_freed_memory
 from trainer.optim import RowAdam
 from trainer.reranker import choose_pruning, train_ranker
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -25,6 +27,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 # Errors a user can cause with bad input: reported in one line, never as a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
                                                  PermissionError, IsADirectoryError, KeyError)
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -47,5 +50,10 @@ def user_errors(fn: F) -> F:
         except USER_ERRORS as e:
             msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
             fail(msg or type(e).__name__)
+        except OSError as e:  # a full disk or quota, a read-only filesystem: the user's to fix, not a bug
+            if e.errno not in DISK_ERRNOS:
+                raise
+            why = e.strerror or os.strerror(e.errno)
+            fail(f"{e.filename}: {why[:1].lower()}{why[1:]}" if e.filename else why)
 
     return wrapper  # type: ignore[return-value]
