@@ -8,7 +8,12 @@
 The server runs in a child process (`--role server`) on an ephemeral loopback port; the client process
 sends embedding queries. One client: p50/p99 latency of sequential Search calls against in-process
 `Searcher.search_embeddings` on the same index (timed in alternating blocks), and the round trip of an empty
-GetIndexInfo call: what any call costs in this gRPC stack, the floor under the overhead. Many clients (1, 8,
+GetIndexInfo call: what any call costs in this gRPC stack, the floor under the overhead. The server child
+also times its own searches and, after the run, the same queries in a loop on its main thread: the in-process
+reference with the server's memory, threads and cores. On a small machine the client shares, the client
+process's own in-process figure moves with what else runs (a 2-thread search whose second thread is
+descheduled waits at every parallel region), so the loop inside the server is the fair one. `--pin` puts the
+server and the client on separate cores. Many clients (1, 8,
 32, 64 by default): a closed loop of N outstanding calls (asynchronous futures on one channel) for a fixed
 time, against a server with and without dynamic batching: queries/s, p50/p99, failed calls and the server's
 resident memory before and after.
@@ -102,6 +107,19 @@ def run_server(args: argparse.Namespace) -> None:
     sys.stdin.read()  # until the parent closes our stdin
     server.stop(1)
     print("SEARCH_S", json.dumps(times[50:]), flush=True)
+    # The same queries in this process, back to back on its main thread: the in-process reference with this
+    # process's memory, threads and cores, and no gRPC work between the searches.
+    from elias_retrieval.synthetic import synthetic_queries
+
+    searcher.search_checked = search_checked  # type: ignore[method-assign]
+    embs = synthetic_queries(searcher.tensors, args.queries + 50, seed=2)[0].numpy()
+    loop = []
+    for i, e in enumerate(embs):
+        t0 = time.perf_counter()
+        searcher.search_embeddings(e[None])
+        if i >= 50:
+            loop.append(time.perf_counter() - t0)
+    print("LOOP_S", json.dumps(loop), flush=True)
 
 
 def await_port(proc: subprocess.Popen, lines: Iterable[str], pattern: str) -> str:
@@ -179,20 +197,21 @@ def spawn_elias_serve(index_dir: Path, threads: int, max_message_mb: int, load_t
     return proc, address
 
 
-def stop_server(proc: subprocess.Popen) -> list[float]:
+def stop_server(proc: subprocess.Popen) -> dict[str, list[float]]:
     """Stop a server child: `--role server` exits when its stdin closes, `elias serve` on SIGTERM (graceful).
 
-    Returns the durations (s) of the one-client phase's searches that a `--role server` child timed itself.
+    Returns the durations (s) that a `--role server` child timed itself: "SEARCH_S", the one-client phase's
+    searches inside the server, and "LOOP_S", the same queries searched in a loop in that process afterwards.
     """
     if proc.stdin is None:
         proc.terminate()
         proc.wait(30)
-        return []
+        return {}
     proc.stdin.close()
     out = proc.stdout.read() if proc.stdout is not None else ""
-    proc.wait(30)
-    line = next((x for x in out.splitlines() if x.startswith("SEARCH_S ")), "SEARCH_S []")
-    return json.loads(line.removeprefix("SEARCH_S "))
+    proc.wait(60)
+    return {key: json.loads(line.removeprefix(key + " ")) for line in out.splitlines()
+            for key in ("SEARCH_S", "LOOP_S") if line.startswith(key + " ")}
 
 
 def one_client(address: str, embs: np.ndarray, searcher=None, rounds: int = 4, local_cpus: set[int] | None = None,
@@ -452,6 +471,7 @@ def main() -> None:
 
     runs: dict[tuple[bool, int], dict[str, float]] = {}
     inside: list[float] = []
+    loop: list[float] = []
     for batching in (True, False):
         proc, address = spawn_server(args, batching=batching)
         try:
@@ -472,11 +492,13 @@ def main() -> None:
         finally:
             timed = stop_server(proc)
         if batching:
-            inside = timed
-    if not inside:
+            inside, loop = timed.get("SEARCH_S", []), timed.get("LOOP_S", [])
+    if not inside or not loop:
         raise SystemExit("the server child reported no timed searches")
     s50, s99 = percentiles(inside)
-    print(f"one client: the same searches timed inside the server p50 {s50:.3f} ms", flush=True)
+    l50, l99 = percentiles(loop)
+    print(f"one client: the same searches timed inside the server p50 {s50:.3f} ms; in a loop in the server "
+          f"process p50 {l50:.3f} ms", flush=True)
     n_ratio = args.clients if args.clients in args.client_counts else args.client_counts[-1]
     ratio = runs[True, n_ratio]["qps"] / runs[False, n_ratio]["qps"]
     print(f"batching / no batching throughput at {n_ratio} clients: {ratio:.2f}x")
@@ -499,6 +521,10 @@ def main() -> None:
         f"| gRPC overhead over in-process (p50) | {g50 - ip50:+.3f} | | |",
         f"| of which the framework floor: an empty `GetIndexInfo` call, one client | {e50:.3f} | {e99:.3f} | |",
         f"| the same searches timed inside the server (`Searcher.search_checked`) | {s50:.3f} | {s99:.3f} | |",
+        f"| the same queries in a loop in the server process afterwards (`search_embeddings`, no gRPC between "
+        f"them) | {l50:.3f} | {l99:.3f} | |",
+        f"| search inside the server / that loop (p50s) | {s50 / l50:.2f}x | | |",
+        f"| gRPC `Search` less the floor and that loop (p50s) | {g50 - e50 - l50:+.3f} | | |",
         f"| gRPC `Search` less the search inside the server and the floor (p50s): request handling and the "
         f"response | {g50 - s50 - e50:+.3f} | | |",
         f"| throughput ratio at {n_ratio} clients, batching / no batching | | | {ratio:.2f}x |",

@@ -64,6 +64,10 @@ SYNTHETIC = [
         # the server child timed its own searches and handed them back
         r"^\| the same searches timed inside the server \(`Searcher.search_checked`\)"
         r" \| \d+\.\d{3} \| \d+\.\d{3} \| \|$",
+        # and the same queries in a loop in that process, with the ratio
+        r"^\| the same queries in a loop in the server process afterwards .* \| \d+\.\d{3} \| \d+\.\d{3} \| \|$",
+        r"^\| search inside the server / that loop \(p50s\) \| \d+\.\d{2}x \| \| \|$",
+        r"^\| gRPC `Search` less the floor and that loop \(p50s\) \| [+-]\d+\.\d{3} \| \| \|$",
     ]),
     ("index_load.py", "## Index size and load time", [r"^\| fp16 \| cold \| \d+\.\d{4} \| \d+\.\d{3} \| "]),
 ]
