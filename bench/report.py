@@ -41,6 +41,24 @@ def machine() -> str:
             f"{os.getloadavg()[0]:.2f} before the run")
 
 
+def accelerator(device: str) -> str:
+    """The GPU behind a torch `device` ("cuda", "cuda:1"), as nvidia-smi and torch name it: model, driver, torch and
+    CUDA versions; "CPU" for a CPU device."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return "CPU"
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    try:
+        query = ["nvidia-smi", f"--id={index}", "--query-gpu=name,driver_version", "--format=csv,noheader"]
+        out = subprocess.run(query, capture_output=True, text=True, timeout=30).stdout.strip()
+        name, driver = (v.strip() for v in out.split(",", 1))
+    except (OSError, subprocess.SubprocessError, ValueError):
+        name, driver = torch.cuda.get_device_name(index), "unknown"
+    return f"{name} (driver {driver}, torch {torch.__version__}, CUDA {torch.version.cuda})"
+
+
 def time_each(fn: Callable[[np.ndarray], Any], queries: np.ndarray, warm: int) -> list[float]:
     """Seconds of `fn` on each query as a batch of one, after `warm` untimed calls on the first queries."""
     for q in queries[:warm]:

@@ -3,13 +3,15 @@
     .venv/bin/python bench/search_latency.py                   # 1M labels, C=16384, kappa=1000, d=256, fp16 W_L
     .venv/bin/python bench/search_latency.py --labels 100000 --no-write
     .venv/bin/python bench/search_latency.py --quick --benchmarks-file /tmp/B.md   # tiny smoke run (the tests)
+    python bench/search_latency.py --device cuda --benchmarks-file runs/gpu-check/BENCHMARKS.md  # on a GPU
 
 Embeddings are given (no encoder). Batch 1: p50/p99 of `Searcher.search_embeddings` over distinct random
 queries, with 1 and 2 torch threads; then, at 1 thread, the same for a few (beam, shortlist) operating points
 with each point's R@100 against the exhaustive ELIAS top-100 (every cluster and label scored). Batch 256:
 queries/s, and the FLOP/s that the W_C GEMM and the W_L shortlist products reach as a fraction of this
 machine's measured fp32 GEMM FLOP/s. Labels are stored in cluster order, as an index stores them; an A/B
-table times the same searches with label-id order.
+table times the same searches with label-id order. With `--device DEV` (e.g. cuda), a shorter table of its own:
+the index on DEV, batch-1 p50/p99, the operating points with their recall, and batch-256 queries/s.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import (  # noqa: E402
     BENCHMARKS,
+    accelerator,
     add_index_args,
     ceiling_line,
     command_line,
@@ -43,6 +46,7 @@ from report import (  # noqa: E402
 
 from elias_retrieval.label_layout import in_cluster_order  # noqa: E402
 from elias_retrieval.search import (  # noqa: E402
+    SearchTensors,
     best_paths,
     cluster_logits,
     cluster_scores,
@@ -110,11 +114,13 @@ def parse_points(v: str) -> list[tuple[int, int]]:
     return [(int(b), int(k)) for b, k in (p.split(":") for p in v.split(","))]
 
 
-def operating_points(s: Searcher, points: list[tuple[int, int]], n_lat: int, n_rec: int, k: int) -> list[dict]:
-    """Batch-1 p50/p99 (1 thread) and R@k against the exhaustive ELIAS top-k, per (beam, shortlist)."""
+def operating_points(s: Searcher, points: list[tuple[int, int]], n_lat: int, n_rec: int, k: int,
+                     t: SearchTensors | None = None) -> list[dict]:
+    """Batch-1 p50/p99 (1 thread) and R@k against the exhaustive ELIAS top-k, per (beam, shortlist); queries and
+    the exhaustive top-k come from `t` (CPU tensors of the same index; default: the searcher's own)."""
     from scale import exhaustive_topk, recall_at
 
-    t = s.tensors
+    t = s.tensors if t is None else t
     rec_q = synthetic_queries(t, n_rec, seed=11)[0]
     t0 = time.perf_counter()
     exact = exhaustive_topk(rec_q, t, k)[0].numpy()
@@ -157,6 +163,73 @@ def label_order_ab(s: Searcher, by_id, queries: np.ndarray, k: int, points: list
     return {key: percentiles(ts) for key, ts in time_interleaved(fns, queries, 50).items()}
 
 
+def device_main(args: argparse.Namespace) -> None:
+    """`--device DEV`: batch-1 p50/p99, the operating points with their recall, and batch-B queries/s, with the
+    index on DEV. Queries go in as numpy and results come back as numpy (what a server does), so each timing
+    includes the copies; batch B is also timed with the queries already on DEV and the results left there."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"error: --device {args.device}: torch sees no CUDA device", file=sys.stderr)
+        sys.exit(2)
+    machine_desc, gpu = machine(), accelerator(args.device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    t0 = time.perf_counter()
+    cpu = in_cluster_order(synthetic_tensors(args.labels, dim=args.dim, kappa=args.kappa, num_clusters=args.clusters,
+                                            seed=0))
+    s = Searcher(cpu, None, None, {"defaults": {"k": args.k, "beam_size": args.beam,
+                                                "shortlist_size": args.shortlist}}, device=device, resident=False)
+    print(f"index on {device} ({gpu}): L={cpu.num_labels:,} C={cpu.num_clusters:,} kappa={cpu.A_ids.shape[1]} "
+          f"d={cpu.dim} W_L {cpu.W_L.dtype}, built in {time.perf_counter() - t0:.1f} s", flush=True)
+    embs = synthetic_queries(cpu, args.queries + 50, seed=1)[0].numpy()
+    p50, p99 = percentiles(time_each(s.search_embeddings, embs, 50))
+    print(f"batch 1: p50 {p50:.3f} ms, p99 {p99:.3f} ms", flush=True)
+    points = operating_points(s, args.points, min(args.queries, 500), args.recall_queries, args.k, t=cpu)
+    B = args.batch
+    batches = synthetic_queries(cpu, (args.batches + 1) * B, seed=3)[0].reshape(args.batches + 1, B, args.dim)
+    s.search_embeddings(batches[0].numpy())
+    t1 = time.perf_counter()
+    for e in batches[1:]:
+        s.search_embeddings(e.numpy())
+    qps = args.batches * B / (time.perf_counter() - t1)
+    on_device = batches.to(device)
+    with torch.inference_mode():
+        search(on_device[0], s.tensors, args.k, args.beam, args.shortlist)
+        sync()
+        t1 = time.perf_counter()
+        for e in on_device[1:]:
+            search(e, s.tensors, args.k, args.beam, args.shortlist)
+        sync()
+    qps_resident = args.batches * B / (time.perf_counter() - t1)
+    print(f"batch {B}: {qps:,.0f} queries/s with the copies, {qps_resident:,.0f} with queries and results on "
+          f"{device}", flush=True)
+    if args.no_write:
+        return
+    title = f"{SECTION} ({device.type})"
+    lines = [
+        f"Synthetic index on `{device}`: L = {cpu.num_labels:,}, C = {cpu.num_clusters:,}, kappa = "
+        f"{cpu.A_ids.shape[1]}, d = {cpu.dim}, W_L {str(cpu.W_L.dtype).removeprefix('torch.')}, k = {args.k}, "
+        f"beam = {args.beam}, shortlist = {args.shortlist}; embeddings given. Device: {gpu}. "
+        f"Machine: {machine_desc}. Date: {today()}. Command: `{command_line()}`.", "",
+        "| batch | p50 (ms) | p99 (ms) | queries/s |", "| --- | ---: | ---: | ---: |",
+        f"| 1 | {p50:.3f} | {p99:.3f} | {1e3 / p50:,.0f} |",
+        f"| {B} | | | {qps:,.0f} |",
+        f"| {B}, queries and results left on `{device}` | | | {qps_resident:,.0f} |",
+        "", "Batch 1 and the first batch row time `Searcher.search_embeddings` from numpy to numpy, copies included.",
+        "", f"Batch-1 operating points, each (beam, shortlist)'s latency and its R@{args.k} against the exhaustive "
+        f"ELIAS top-{args.k} (computed on the CPU; {args.recall_queries} queries):", "",
+        f"| beam | shortlist | p50 (ms) | p99 (ms) | R@{args.k} vs exhaustive |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [f"| {p['beam']} | {p['shortlist']:,} | {p['p50']:.3f} | {p['p99']:.3f} | {p['recall']:.4f} |"
+              for p in points]
+    write_section(title, "\n".join(lines), args.benchmarks_file)
+    print(f"wrote {title!r} in {args.benchmarks_file}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_index_args(ap)
@@ -169,7 +242,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help=f"tiny sizes, a few seconds ({QUICK})")
     ap.add_argument("--benchmarks-file", type=Path, default=BENCHMARKS, help="where the table goes")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    ap.add_argument("--device", help="search on this torch device (cuda, cpu): a shorter table of its own, "
+                    f"section '{SECTION} (DEVICE)'; without it, the full CPU study")
     args = parse_args(ap, QUICK)
+    if args.device:
+        return device_main(args)
     machine_desc = machine()  # before the run: the load average says whether the machine was quiet
     ceiling = machine_ceiling()
 
