@@ -365,3 +365,16 @@ def read_split(
     if name.endswith(_XC_SUFFIXES):
         return _read_xc(path, vocab, max_rows)
     return _read_npz(path, vocab, max_rows)
+
+
+def read_documents(path: str | Path, data_cfg: DataConfig | None, vocab: LabelVocab) -> Dataset:
+    """Read one JSON-lines file of documents (not a dataset directory) in a dataset's shape: `data_cfg`'s text
+    and label fields, those it leaves unset decided from the file's own rows (dataset_fields). Labels outside
+    `vocab` get extra columns past it. Raises `DataFormatError` naming the file, line and problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataFormatError(f"{p}: no such file")
+    cfg = data_cfg or DataConfig()
+    if not (cfg.text_fields and cfg.label_field):
+        cfg = resolve_data_config(p.parent, cfg, p)
+    return _read_jsonl(p, cfg, vocab, 0)

@@ -68,6 +68,7 @@ SYNTHETIC = [
         r"^\| the same queries in a loop in the server process afterwards .* \| \d+\.\d{3} \| \d+\.\d{3} \| \|$",
         r"^\| search inside the server / that loop \(p50s\) \| \d+\.\d{2}x \| \| \|$",
         r"^\| gRPC `Search` less the floor and that loop \(p50s\) \| [+-]\d+\.\d{3} \| \| \|$",
+        r"^\| search inside the server / that loop with the wait \(p50s\) \| \d+\.\d{2}x \| \| \|$",
     ]),
     ("index_load.py", "## Index size and load time", [r"^\| fp16 \| cold \| \d+\.\d{4} \| \d+\.\d{3} \| "]),
 ]

@@ -1,4 +1,5 @@
-"""`elias build-index` and `elias index info|verify` (thin verbs over index_builder and index_format)."""
+"""`elias build-index` and `elias index info|verify|add-labels|remove-labels` (thin verbs over index_builder and
+index_format)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from rich.table import Table
 
 from elias_retrieval.cli.app import app, console, user_errors
 
-index_app = typer.Typer(name="index", help="Inspect and verify built index directories.", no_args_is_help=True)
+index_app = typer.Typer(name="index", help="Inspect, verify and relabel built index directories.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 
 
@@ -122,3 +123,48 @@ def verify(index_dir: Annotated[Path, typer.Argument(help="An index directory.")
     total = sum(int(e["bytes"]) for e in m["files"].values())
     console.print(f"ok: {index_dir} ({len(m['files'])} files, {_human(total)}) verified in "
                   f"{time.perf_counter() - t0:.1f} s", highlight=False)
+
+
+@index_app.command("add-labels")
+@user_errors
+def add_labels_cmd(
+    index_dir: Annotated[Path, typer.Argument(help="An index directory (only read).")],
+    out: Annotated[Path, typer.Argument(help="The new index directory to write (atomically).")],
+    labels: Annotated[Path, typer.Option(help="NEW.jsonl: one {\"id\", \"name\"} object per new label.")],
+    examples: Annotated[Path | None, typer.Option(
+        help="DOCS.jsonl: documents in the dataset's JSON-lines shape whose label field names the new ids "
+             "(or rows with an \"embedding\" field). Labels without documents are placed from their names.")] = None,
+    clusters: Annotated[int, typer.Option(help="Clusters each new label is attached to.")] = 3,
+    refine_steps: Annotated[int, typer.Option(
+        help="Logistic steps turning each new classifier against the other labels' examples (0: closed form).")]
+    = 200,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Add labels to an index without retraining: classifier rows, edges in A and ranker rows from examples."""
+    from index_builder.labels import add_labels, read_label_specs
+
+    t0 = time.perf_counter()
+    c = add_labels(index_dir, out, read_label_specs(labels), examples, clusters_per_label=clusters,
+                   progress=not quiet, refine_steps=refine_steps)
+    console.print(f"index written to [bold]{out}[/] in {time.perf_counter() - t0:.1f} s: {c.added:,} labels added "
+                  f"({c.from_examples:,} from example documents, {c.added - c.from_examples:,} from their names), "
+                  f"{c.num_labels:,} labels, kappa {c.kappa_before} -> {c.kappa_after}, version {c.parent_version} -> "
+                  f"{c.index_version}", highlight=False)
+
+
+@index_app.command("remove-labels")
+@user_errors
+def remove_labels_cmd(
+    index_dir: Annotated[Path, typer.Argument(help="An index directory (only read).")],
+    out: Annotated[Path, typer.Argument(help="The new index directory to write (atomically).")],
+    ids: Annotated[Path, typer.Option(help="IDS.txt: the dataset label ids to remove, one per line.")],
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Remove labels from an index: search never returns them; every other label scores as before."""
+    from index_builder.labels import read_label_ids, remove_labels
+
+    t0 = time.perf_counter()
+    c = remove_labels(index_dir, out, read_label_ids(ids), progress=not quiet)
+    console.print(f"index written to [bold]{out}[/] in {time.perf_counter() - t0:.1f} s: {c.removed:,} labels "
+                  f"removed, {c.num_labels:,} left, kappa {c.kappa_before} -> {c.kappa_after}, version "
+                  f"{c.parent_version} -> {c.index_version}", highlight=False)
