@@ -56,6 +56,7 @@ from report import (  # noqa: E402
     machine_ceiling,
     parse_args,
     percentiles,
+    publish,
     today,
     write_section,
 )
@@ -422,11 +423,7 @@ def quality(args: argparse.Namespace, machine_desc: str) -> None:
         f"{differ} of {n:,}.",
     ]
     text = "\n".join(lines)
-    if args.no_write:
-        print(text)
-        return
-    write_section(QUALITY_SECTION, text, args.benchmarks_file)
-    print(f"wrote {QUALITY_SECTION!r} in {args.benchmarks_file}")
+    publish(QUALITY_SECTION, text, args)
 
 
 def main() -> None:

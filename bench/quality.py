@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import BENCHMARKS, ROOT, command_line, machine, today, write_section  # noqa: E402
+from report import BENCHMARKS, ROOT, command_line, machine, publish, today  # noqa: E402
 
 from elias_retrieval.config import EliasConfig  # noqa: E402
 from elias_retrieval.data import dataset_data_config, read_split  # noqa: E402
@@ -159,11 +159,7 @@ def main() -> None:
         lines += ["", f"Stage 2: {meta['stage2_skipped']}"]
     text = "\n".join(lines)
     title = section_title(data)
-    if args.no_write:
-        print(text)
-    else:
-        write_section(title, text, args.benchmarks_file)
-        print(f"wrote {title!r} in {args.benchmarks_file}")
+    publish(title, text, args)
 
 
 if __name__ == "__main__":

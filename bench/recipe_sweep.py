@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import BENCHMARKS, ROOT, command_line, machine, today, write_section  # noqa: E402
+from report import BENCHMARKS, ROOT, command_line, machine, publish, today  # noqa: E402
 
 import trainer.train as T  # noqa: E402
 from elias_retrieval.config import EliasConfig  # noqa: E402
@@ -87,11 +87,7 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     title = f"## Training recipe on {NAMES.get(args.data.name, args.data.name)} (dev)"
-    if args.no_write:
-        print(text)
-    else:
-        write_section(title, text, args.benchmarks_file)
-        print(f"wrote {title!r} in {args.benchmarks_file}")
+    publish(title, text, args)
 
 
 if __name__ == "__main__":

@@ -166,6 +166,15 @@ def write_section(title: str, body: str, path: Path = BENCHMARKS) -> None:
     write_text(path, text)
 
 
+def publish(title: str, text: str, args: argparse.Namespace) -> None:
+    """Write `text` as the `title` section of `args.benchmarks_file`, or print it with `args.no_write`."""
+    if args.no_write:
+        print(text)
+        return
+    write_section(title, text, args.benchmarks_file)
+    print(f"wrote {title!r} in {args.benchmarks_file}")
+
+
 def add_index_args(ap: argparse.ArgumentParser) -> None:
     """The synthetic index and search parameters shared by the latency and serving benchmarks."""
     ap.add_argument("--labels", type=int, default=1_000_000)

@@ -27,7 +27,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import BENCHMARKS, ROOT, command_line, machine, today, write_section  # noqa: E402
+from report import BENCHMARKS, ROOT, command_line, machine, publish, today  # noqa: E402
 
 import trainer.train as T  # noqa: E402
 from elias_retrieval.config import EliasConfig  # noqa: E402
@@ -163,11 +163,7 @@ def main() -> None:
                   "", "| operator | ms | share | calls | MB allocated |", "| --- | ---: | ---: | ---: | ---: |"]
         lines += _top_ops(prof, args.steps, args.top)
     text = "\n".join(lines)
-    if args.no_write:
-        print(text)
-    else:
-        write_section(args.section, text, args.benchmarks_file)
-        print(f"wrote {args.section!r} in {args.benchmarks_file}")
+    publish(args.section, text, args)
 
 
 if __name__ == "__main__":

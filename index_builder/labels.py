@@ -32,7 +32,7 @@ import dataclasses
 import json
 import math
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,13 +126,7 @@ def read_label_specs(path: str | Path) -> list[dict[str, Any]]:
     """NEW.jsonl: one {"id": ..., "name": ...} object per line ("name" optional); blank lines skipped."""
     p = Path(path)
     rows = []
-    for lineno, line in enumerate(_read_text(p).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LabelChangeError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
+    for lineno, row in _json_rows(p):
         if not isinstance(row, dict) or "id" not in row:
             raise LabelChangeError(f"{p}:{lineno}: expected an object with an \"id\" (and a \"name\")")
         rows.append(row)
@@ -155,14 +149,10 @@ def read_examples(path: str | Path, index: Index, new_ids: Sequence[str]) -> Exa
     rows with an "embedding" field (a list of d numbers: a query embedding) beside the label field."""
     p = Path(path)
     cfg = DataConfig(**(index.manifest.get("config") or {}).get("data", {}))
-    first = next((ln for ln in _read_text(p).splitlines() if ln.strip()), None)
+    first = next(_json_rows(p), None)
     if first is None:
         raise LabelChangeError(f"{p}: no example documents")
-    try:
-        head = json.loads(first)
-    except json.JSONDecodeError as e:
-        raise LabelChangeError(f"{p}:1: not valid JSON ({e.msg})") from None
-    if isinstance(head, dict) and "embedding" in head:
+    if isinstance(first[1], dict) and "embedding" in first[1]:
         return _read_embedding_rows(p, cfg.label_field or "labels")
     # The index's own labels too: the scores they give the documents calibrate the new labels' biases.
     ids = list(index.labels.ids) + list(new_ids)
@@ -171,13 +161,7 @@ def read_examples(path: str | Path, index: Index, new_ids: Sequence[str]) -> Exa
 
 def _read_embedding_rows(p: Path, label_field: str) -> Examples:
     rows, labels = [], []
-    for lineno, line in enumerate(_read_text(p).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LabelChangeError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
+    for lineno, row in _json_rows(p):
         emb, labs = (row.get("embedding"), row.get(label_field)) if isinstance(row, dict) else (None, None)
         if not isinstance(emb, list) or not all(isinstance(x, (int, float)) for x in emb):
             raise LabelChangeError(f"{p}:{lineno}: \"embedding\" must be a list of numbers")
@@ -189,6 +173,17 @@ def _read_embedding_rows(p: Path, label_field: str) -> Examples:
         rows.append(emb)
         labels.append([str(x) for x in labs])
     return Examples(labels, embeddings=torch.tensor(rows, dtype=torch.float32))
+
+
+def _json_rows(p: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a JSON-lines file; an error names a bad line."""
+    for lineno, line in enumerate(_read_text(p).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LabelChangeError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
 
 
 def _read_text(p: Path) -> str:
