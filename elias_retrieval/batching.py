@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from elias_retrieval.searcher import RERANK_DEPTH, Query, Searcher, SearchParams, SearchResults
+from elias_retrieval.searcher import Query, Searcher, SearchParams, SearchResults
 
 
 class DeadlineExpired(TimeoutError):
@@ -160,10 +160,10 @@ class DynamicBatcher:
                 continue
             live.append(job)
         groups: dict[tuple[int, int, bool, int], list[_Job]] = {}
-        for job in live:  # a re-ranked query sees the same max(k, RERANK_DEPTH) candidates as when alone
+        for job in live:  # a re-ranked query sees the same candidates as when alone
             p = job.params
             rerank = self.searcher.reranks(p)
-            key = (p.beam_size, p.shortlist_size, rerank, max(p.k, RERANK_DEPTH) if rerank else 0)
+            key = (p.beam_size, p.shortlist_size, rerank, self.searcher.candidates(p) if rerank else 0)
             groups.setdefault(key, []).append(job)
         for (beam, shortlist, rerank, _depth), jobs in groups.items():
             params = SearchParams(k=max(j.params.k for j in jobs), beam_size=beam, shortlist_size=shortlist,

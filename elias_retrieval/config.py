@@ -112,6 +112,9 @@ class TrainConfig:
     holdout_max: int = 5000
     reranker: bool = True  # ELIAS++: train the sparse tf-idf re-ranker after stage 2
     reranker_c: float = 1.0
+    # The ranker trains on ELIAS's top-`reranker_depth` lists of the training points (its hard negatives) and
+    # re-orders that many candidates at search time; the answer is the re-ordered list's top 100.
+    reranker_depth: int = 100
     # Ranker weights below the threshold's magnitude are pruned: the dev split picks one of these thresholds
     # together with the fusion weight (without a dev split: the largest, the smallest ranker).
     reranker_thresholds: list[float] = field(default_factory=lambda: [0.05, 0.1])

@@ -98,11 +98,13 @@ def evaluate_split(
     inputs: EncoderInputs | None = None,
 ) -> dict[str, float]:
     """Search `data` (ELIAS++ when a ranker is given) and return metrics.evaluate's metrics (percentages)."""
-    ids, scores = predict(encoder, tensors, data, 100, beam_size, shortlist_size, batch_size, progress, inputs)
+    depth = 100 if ranker is None else max(100, ranker.depth)
+    ids, scores = predict(encoder, tensors, data, depth, beam_size, shortlist_size, batch_size, progress, inputs)
     if ranker is not None:
         if featurizer is None:
             raise ValueError("re-ranking needs the tf-idf featurizer")
         ids, _ = ranker.rerank(featurizer.transform(data), ids, scores)
+        ids = ids[:, :100]
     return evaluate(ids, data.labels, train_label_counts, num_train)
 
 

@@ -198,6 +198,7 @@ def write_index(
             num_features = int(json.loads((feat / "featurizer.json").read_text())["num_features"])
             shape = [int(x) for x in rmeta["shape"]]
             reranker = {"fusion_weight": float(rmeta["fusion_weight"]), "nnz": int(rmeta["nnz"]), "shape": shape,
+                        "depth": int(rmeta.get("depth", 100)),
                         "featurizer": FEATURIZER_DIR if featurizer_dir is not None else ENCODER_FEATURIZER}
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{ranker_dir}, {feat}: not a ranker and featurizer (unreadable JSON: {e})") from e

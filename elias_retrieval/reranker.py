@@ -1,9 +1,10 @@
-"""ELIAS++: a sparse tf-idf linear ranker that re-ranks ELIAS's top 100 (ELIAS.md, "ELIAS++").
+"""ELIAS++: a sparse tf-idf linear ranker that re-ranks ELIAS's top candidates (ELIAS.md, "ELIAS++").
 
-Each label has a pruned sparse weight vector over the tf-idf features, trained on ELIAS's own shortlists
-as hard negatives. The fused score is `elias^(1 - w) * rank^w`, where `rank = exp(-max(0, 1 - margin)^3)`
-maps the linear margin into (0, 1] and `w` is chosen on the dev split. Re-ranking changes the order of the
-top 100, never its membership, so R@100 is unchanged.
+Each label has a pruned sparse weight vector over the tf-idf features, trained on ELIAS's own top-`depth`
+lists as hard negatives. The fused score is `elias^(1 - w) * rank^w`, where `rank = exp(-max(0, 1 - margin)^3)`
+maps the linear margin into (0, 1] and `w` is chosen on the dev split. Re-ranking re-orders ELIAS's top `depth`
+candidates; the top 100 of the re-ordered list is the answer, so with `depth` 100 (the paper's) R@100 is
+unchanged, and with a deeper window a label the ranker knows well can climb into it from further down.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class SparseRanker:
     W: sp.csr_matrix  # (L, F) label weight vectors, pruned
     bias: np.ndarray  # (L,)
     fusion_weight: float = 0.5
+    depth: int = 100  # ELIAS's top-`depth` candidates are re-ordered (the lists it was trained on)
     _W_T: tuple[sp.csr_matrix, sp.csr_matrix] | None = field(default=None, init=False, repr=False, compare=False)
 
     def margins(self, X: sp.csr_matrix, ids: np.ndarray) -> np.ndarray:
@@ -45,7 +47,7 @@ class SparseRanker:
         W = self.W.tocsr(copy=True)
         W.data[np.abs(W.data) < threshold] = 0.0
         W.eliminate_zeros()
-        return SparseRanker(W, self.bias.copy(), self.fusion_weight)
+        return SparseRanker(W, self.bias.copy(), self.fusion_weight, self.depth)
 
     @staticmethod
     def rank_score(margins: np.ndarray) -> np.ndarray:
@@ -81,7 +83,8 @@ class SparseRanker:
             "data": torch.from_numpy(W.data.astype(np.float32)),
             "bias": torch.from_numpy(self.bias.astype(np.float32)),
         })
-        write_json(d / RANKER_META, {"shape": list(W.shape), "fusion_weight": self.fusion_weight, "nnz": int(W.nnz)})
+        write_json(d / RANKER_META, {"shape": list(W.shape), "fusion_weight": self.fusion_weight, "nnz": int(W.nnz),
+                                     "depth": self.depth})
 
     @classmethod
     def load(cls, directory: str | Path) -> SparseRanker:
@@ -89,7 +92,7 @@ class SparseRanker:
         meta = json.loads((d / RANKER_META).read_text())
         t = load_file(str(d / RANKER_TENSORS))
         W = sp.csr_matrix((t["data"].numpy(), t["indices"].numpy(), t["indptr"].numpy()), shape=tuple(meta["shape"]))
-        return cls(W, t["bias"].numpy(), float(meta["fusion_weight"]))
+        return cls(W, t["bias"].numpy(), float(meta["fusion_weight"]), int(meta.get("depth", 100)))
 
 
 def has_ranker(directory: str | Path) -> bool:

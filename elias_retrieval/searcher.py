@@ -6,8 +6,8 @@
 
 Queries are checked here (`QueryError(field, message)` names the offending field; the gRPC servicer maps
 it to INVALID_ARGUMENT), encoded, and searched in one batch with `search.search`. When the index carries
-an ELIAS++ re-ranker, text and sparse queries are re-ranked (the top max(k, 100) re-ordered by the fused
-score, then cut to k); embedding queries have no tf-idf row and get plain ELIAS. Results are plain numpy
+an ELIAS++ re-ranker, text and sparse queries are re-ranked (the top max(k, the ranker's depth) re-ordered by the
+fused score, then cut to k); embedding queries have no tf-idf row and get plain ELIAS. Results are plain numpy
 arrays plus the dataset's label ids and names. The gRPC server (server.py) and the CLI only convert.
 """
 
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 DEFAULT_MAX_K = 1000
 DEFAULT_MAX_SHORTLIST = 100_000
 DEFAULT_MAX_BATCH_QUERIES = 1024
-RERANK_DEPTH = 100  # ELIAS++ re-orders this many candidates (the ranker was fitted and tuned on top-100 lists)
 _HUGE_PAGE = 2 << 20
 
 
@@ -421,6 +420,10 @@ class Searcher:
         """Encode and search queries that already passed `check_query` (the batcher's entry point)."""
         return self._search_tensor(self.encode(queries), params, queries)
 
+    def candidates(self, params: SearchParams) -> int:
+        """How many ELIAS candidates a re-ranked query's answer is chosen from: the ranker's depth, or k."""
+        return max(params.k, self.ranker.depth if self.ranker is not None else 0)
+
     def reranks(self, params: SearchParams) -> bool:
         """Whether `params` re-rank (text and sparse queries) on this index."""
         return self.ranker is not None and params.rerank
@@ -476,7 +479,7 @@ class Searcher:
 
     def _search_tensor(self, emb: Tensor, p: SearchParams, queries: Sequence[Query] | None = None) -> SearchResults:
         rows = [i for i, q in enumerate(queries or []) if q.kind in self.rerank_kinds] if self.reranks(p) else []
-        k = max(p.k, RERANK_DEPTH) if rows else p.k
+        k = self.candidates(p) if rows else p.k
         r = search(emb.to(self.device), self.tensors, k=k, beam_size=p.beam_size, shortlist_size=p.shortlist_size)
         ids, scores = r.ids.cpu().numpy(), r.scores.float().cpu().numpy()
         explained = [r.cluster.cpu().numpy(), r.path.float().cpu().numpy(), r.label_prob.float().cpu().numpy()] \

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -50,6 +50,7 @@ from elias_retrieval.proto.elias.v1 import searcher_pb2 as pb
 from elias_retrieval.proto.elias.v1 import searcher_pb2_grpc as pb_grpc
 from elias_retrieval.searcher import Query, QueryError, Searcher, SearchParams, SearchResults
 from elias_retrieval.tls import server_tls
+from elias_retrieval.wire import Encoded, ResponseEncoder, result_to_proto  # noqa: F401 - the reference, here too
 
 log = logging.getLogger("elias.server")
 
@@ -76,7 +77,7 @@ class ServerConfig:
     access_log: bool = False  # one JSON line per call on the `elias.access` logger
 
 
-# ----- messages <-> library -----
+# ----- messages <-> library (results -> response bytes: wire.py) -----
 
 
 def query_from_proto(q: pb.Query, prefix: str = "query") -> Query:
@@ -97,20 +98,6 @@ def params_from_proto(searcher: Searcher, p: pb.SearchParams) -> SearchParams:
 
     rerank = p.rerank if p.HasField("rerank") else True
     return searcher.resolve_params(opt("k"), opt("beam_size"), opt("shortlist_size"), p.explain, rerank=rerank)
-
-
-def result_to_proto(res: SearchResults, row: int) -> pb.SearchResult:
-    out = pb.SearchResult(method=res.methods[row] if res.methods else "ELIAS")
-    n = len(res.label_ids[row])
-    ids, scores = res.ids[row, :n].tolist(), res.scores[row, :n].tolist()  # Python scalars: 3x faster to copy
-    add = out.hits.add  # built in place: extending by ready-made Hit messages would copy each one
-    hits = [add(index=i, label_id=lid, name=name, score=sc)
-            for i, lid, name, sc in zip(ids, res.label_ids[row], res.label_names[row], scores, strict=True)]
-    if res.cluster is not None:
-        for hit, c, p, q in zip(hits, res.cluster[row, :n].tolist(), res.path[row, :n].tolist(),  # type: ignore[index]
-                                res.label_prob[row, :n].tolist(), strict=True):  # type: ignore[index]
-            hit.explanation.cluster, hit.explanation.path_score, hit.explanation.label_score = c, p, q
-    return out
 
 
 def info_to_proto(s: Searcher) -> pb.IndexInfo:
@@ -144,11 +131,13 @@ class _Status(Exception):
 
 @dataclass(eq=False)
 class _Served:
-    """One served index: its searcher, its batcher, and how many calls are using them."""
+    """One served index: its searcher, its batcher, its responses' encoder (label fields cached), and how many
+    calls are using them."""
 
     searcher: Searcher
     batcher: DynamicBatcher | None
     calls: int = 0
+    encoder: ResponseEncoder = field(default_factory=ResponseEncoder)
 
 
 class SearcherServicer(pb_grpc.SearcherServicer):
@@ -191,7 +180,7 @@ class SearcherServicer(pb_grpc.SearcherServicer):
         with self._calls:
             return self._calls.wait_for(lambda: served.calls == 0, timeout)
 
-    def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> pb.SearchResponse:
+    def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> Encoded:
         served = self._enter(context)
         try:
             res = self._search_one(served.searcher, served.batcher, request, context)
@@ -199,7 +188,7 @@ class SearcherServicer(pb_grpc.SearcherServicer):
             context.abort(s.code, s.message)
         finally:
             self._leave(served)
-        return pb.SearchResponse(result=result_to_proto(res, 0), index_version=served.searcher.index_version)
+        return served.encoder.search_response(res, served.searcher.index_version)
 
     def _search_one(self, searcher: Searcher, batcher: DynamicBatcher | None, request: pb.SearchRequest,
                     context: grpc.ServicerContext) -> SearchResults:
@@ -244,7 +233,7 @@ class SearcherServicer(pb_grpc.SearcherServicer):
             if batcher is not None and not submitted:
                 batcher.depart()
 
-    def SearchBatch(self, request: pb.SearchBatchRequest, context: grpc.ServicerContext) -> pb.SearchBatchResponse:
+    def SearchBatch(self, request: pb.SearchBatchRequest, context: grpc.ServicerContext) -> Encoded:
         served = self._enter(context)
         try:
             res = self._search_batch(served.searcher, request, context)
@@ -252,8 +241,7 @@ class SearcherServicer(pb_grpc.SearcherServicer):
             context.abort(s.code, s.message)
         finally:
             self._leave(served)
-        return pb.SearchBatchResponse(results=[result_to_proto(res, i) for i in range(len(res))],
-                                      index_version=served.searcher.index_version)
+        return served.encoder.batch_response(res, served.searcher.index_version)
 
     def _search_batch(self, searcher: Searcher, request: pb.SearchBatchRequest,
                       context: grpc.ServicerContext) -> SearchResults:
@@ -292,7 +280,8 @@ class _Undecodable:
 
 def add_searcher_servicer(servicer: SearcherServicer, server: grpc.Server) -> None:
     """Register `servicer` as the generated `add_SearcherServicer_to_server` does, except that a request whose
-    bytes are not a valid message (or hold invalid UTF-8 in a string) gets INVALID_ARGUMENT, not INTERNAL."""
+    bytes are not a valid message (or hold invalid UTF-8 in a string) gets INVALID_ARGUMENT, not INTERNAL, and
+    that Search and SearchBatch return their responses already serialized (`wire.Encoded`: the same bytes)."""
     def parser(message: type) -> Callable[[bytes], object]:
         def parse(data: bytes) -> object:
             try:
@@ -308,13 +297,16 @@ def add_searcher_servicer(servicer: SearcherServicer, server: grpc.Server) -> No
             return method(request, context)
         return call
 
-    messages = {"Search": (pb.SearchRequest, pb.SearchResponse), "SearchBatch": (pb.SearchBatchRequest,
-                pb.SearchBatchResponse), "GetIndexInfo": (pb.GetIndexInfoRequest, pb.IndexInfo)}
+    def serialize(response: Encoded | pb.IndexInfo) -> bytes:
+        return response.SerializeToString()
+
+    requests = {"Search": pb.SearchRequest, "SearchBatch": pb.SearchBatchRequest,
+                "GetIndexInfo": pb.GetIndexInfoRequest}
     handlers = {
         rpc: grpc.unary_unary_rpc_method_handler(
             refusing_undecodable(getattr(servicer, rpc), req.DESCRIPTOR.full_name),
-            request_deserializer=parser(req), response_serializer=resp.SerializeToString)
-        for rpc, (req, resp) in messages.items()
+            request_deserializer=parser(req), response_serializer=serialize)
+        for rpc, req in requests.items()
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

@@ -492,7 +492,7 @@ def _grow_ranker(ranker: SparseRanker, index: Index, examples: Examples | None, 
     W_new = sp.vstack([W, *rows], format="csr", dtype=np.float32)
     W_new.sort_indices()
     return SparseRanker(W_new, np.concatenate([ranker.bias, np.asarray(bias, np.float32)]).astype(np.float32),
-                        ranker.fusion_weight)
+                        ranker.fusion_weight, ranker.depth)
 
 
 # ----------------------------------------------------------------------------------------------- removing
@@ -535,7 +535,8 @@ def remove_labels(
     ranker = index.load_ranker()
     if ranker is not None:
         k = keep.numpy()
-        ranker = SparseRanker(ranker.W.tocsr()[k], ranker.bias[k].astype(np.float32), ranker.fusion_weight)
+        ranker = SparseRanker(ranker.W.tocsr()[k], ranker.bias[k].astype(np.float32), ranker.fusion_weight,
+                              ranker.depth)
     kept = keep.tolist()
     new_vocab = LabelVocab([vocab.ids[i] for i in kept], [vocab.names[i] for i in kept])
     change = LabelChange(out_dir, "", str(index.manifest.get("index_version", "")), removed=L - L2, num_labels=L2,

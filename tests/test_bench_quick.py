@@ -161,3 +161,15 @@ def test_quality_quick_run_on_an_xc_dataset_lists_its_buckets(tmp_path: Path) ->
     for method in ("ELIAS++", "ELIAS", "XR-Linear \\(beam 10\\)"):
         assert has_row(body, rf"^\| {method} \| \d+\.\d\d \| "), body
     assert has_row(body, r"^\| ELIAS \|( (-|\d+\.\d\d) \|){6}$"), body  # recall by bucket; - for an empty one
+
+
+@pytest.mark.slow
+def test_ranker_fit_quick_run_compares_the_fits_and_depths(tmp_path: Path) -> None:
+    bibtex = ROOT.parent / "shared" / "data" / "xc" / "bibtex"
+    if not bibtex.is_dir():
+        pytest.skip(f"real data not found at {bibtex}")
+    body = section(run_quick("ranker_fit.py", tmp_path / "B.md"), "## ELIAS++ ranker: fit and depth")
+    metrics = r"( \d+\.\d\d \|){5}( (-|\d+\.\d\d) \|){2}"
+    assert has_row(body, rf"^\| ELIAS \(no ranker\) \|{metrics}  \|$"), body
+    for name in ("sklearn LinearSVC per label", "batched solver, depth 100", "batched solver, depth 150"):
+        assert has_row(body, rf"^\| {name} \|{metrics} [\d.]+ s, \d threads?; pruned at [\d.]+ "), body

@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from elias_retrieval import index_format as fmt
+from elias_retrieval.batching import DynamicBatcher
 from elias_retrieval.cli import app
 from elias_retrieval.cli import index as _register_index_verbs  # noqa: F401
 from elias_retrieval.cli import serve as _register_serve_verbs  # noqa: F401
@@ -25,6 +26,7 @@ from elias_retrieval.features import TfidfFeaturizer
 from elias_retrieval.index_format import read_index
 from elias_retrieval.model import EliasModel
 from elias_retrieval.modeldir import load_model_dir, save_model_dir
+from elias_retrieval.reranker import SparseRanker
 from elias_retrieval.searcher import Query, Searcher
 from elias_retrieval.server import ServerConfig, start_server
 from index_builder.build import build_index
@@ -105,10 +107,12 @@ def eval_json(path: Path, dataset: Path, out: Path, *extra: str) -> dict:
 
 
 def reference_top(model_dir: Path, dataset: Path, k: int, rerank: bool = True) -> tuple[np.ndarray, list[str]]:
-    """The model-dir evaluation path: ELIAS's top 100, re-ranked as `elias eval` does, cut to k."""
+    """The model-dir evaluation path: ELIAS's top 100 (the ranker's depth), re-ranked as `elias eval` does, cut to
+    k."""
     tm = load_model_dir(model_dir)
     test = read_split(dataset, "test", tm.config.data, vocab=tm.vocab)
-    ids, scores = predict(tm.model.encoder, tm.model.search_tensors(), test, 100, BEAM, SHORTLIST)
+    depth = tm.ranker.depth if rerank and tm.ranker is not None else 100
+    ids, scores = predict(tm.model.encoder, tm.model.search_tensors(), test, depth, BEAM, SHORTLIST)
     if rerank:
         assert tm.ranker is not None
         ids, _ = tm.ranker.rerank(tm.featurizer.transform(test), ids, scores)
@@ -124,7 +128,7 @@ def test_index_carries_the_ranker_and_verify_covers_it(model_dir: Path, index_di
     assert not any(rel.startswith("featurizer/") for rel in m["files"])  # the encoder's featurizer is shared
     tm = load_model_dir(model_dir)
     assert tm.ranker is not None
-    assert m["reranker"] == {"fusion_weight": 0.65, "nnz": int(tm.ranker.W.nnz),
+    assert m["reranker"] == {"fusion_weight": 0.65, "nnz": int(tm.ranker.W.nnz), "depth": 100,
                              "shape": [L, tm.featurizer.num_features], "featurizer": "encoder/featurizer"}
     ranker, featurizer = ix.load_ranker(), ix.load_featurizer()
     assert ranker is not None and featurizer is not None
@@ -251,3 +255,28 @@ def test_a_featurizer_other_than_the_encoders_is_copied(model_dir: Path, dataset
     s = Searcher.open(out, device="cpu")
     assert s.rerank_kinds == ["text"]  # sparse queries are in the encoder's features, not necessarily the ranker's
     assert eval_json(out, dataset, tmp_path / "i.json") == eval_json(other, dataset, tmp_path / "m.json")
+
+
+def test_a_deeper_ranker_chooses_the_answer_from_its_depth_of_candidates(model_dir: Path, dataset: Path,
+                                                                        tmp_path: Path):
+    deep = tmp_path / "deep"
+    shutil.copytree(model_dir, deep)
+    ranker = SparseRanker.load(deep / "ranker")
+    ranker.depth = L  # every label a candidate
+    ranker.save(deep / "ranker")
+    out = build_index(deep, tmp_path / "idx", dtype="fp32", progress=False)
+    assert read_index(out).manifest["reranker"]["depth"] == L
+    want, texts = reference_top(deep, dataset, k=5)
+    shallow, _ = reference_top(model_dir, dataset, k=5)
+    assert (want != shallow).any()  # labels from below ELIAS's top 100 were brought up
+    s = Searcher.open(out, device="cpu", resident=False)
+    res = s.search_texts(texts, k=5)
+    np.testing.assert_array_equal(res.ids, want)
+    assert eval_json(out, dataset, tmp_path / "i.json") == eval_json(deep, dataset, tmp_path / "m.json")
+    # The batcher asks for the same candidates as a lone query.
+    batcher = DynamicBatcher(s, max_batch=8, max_wait_us=2000)
+    try:
+        futures = [batcher.submit(Query(text=t), s.resolve_params(k=5)) for t in texts[:6]]
+        np.testing.assert_array_equal(np.stack([f.result(10).ids[0] for f in futures]), want[:6])
+    finally:
+        batcher.close()

@@ -6,36 +6,56 @@ import warnings
 
 import numpy as np
 import scipy.sparse as sp
-from joblib import Parallel, delayed
 from rich.progress import Progress
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import LinearSVC
 
 from elias_retrieval.metrics import evaluate
 from elias_retrieval.reranker import SparseRanker
+from trainer.svm_solver import LabelProblems
 
 
-def _fit_labels(X: sp.csr_matrix, cand: sp.csc_matrix, Y: sp.csc_matrix, labels: np.ndarray, c: float,
-                threshold: float, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], np.ndarray]:
+def fit_labels_reference(X: sp.csr_matrix, cand: sp.csc_matrix, Y: sp.csc_matrix, labels: np.ndarray, c: float,
+                         threshold: float, seed: int = 0, tol: float = 0.1
+                         ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """The plain version of `train_ranker`'s fits: scikit-learn's LinearSVC per label (liblinear's dual solver),
+    on the rows where `cand` holds the label, positive where `Y` does. Tests hold the fast route to it."""
     warnings.simplefilter("ignore", ConvergenceWarning)
     cols, vals, bias = [], [], np.zeros(len(labels), dtype=np.float32)
     for j, lab in enumerate(labels):
         rows = cand.indices[cand.indptr[lab]: cand.indptr[lab + 1]]
-        pos = Y.indices[Y.indptr[lab]: Y.indptr[lab + 1]]
-        y = np.isin(rows, pos)
+        y = np.isin(rows, Y.indices[Y.indptr[lab]: Y.indptr[lab + 1]])
         if len(rows) == 0 or y.all() or not y.any():
             bias[j] = 1.0 if len(rows) and y.all() else -1.0
             cols.append(np.zeros(0, dtype=np.int32))
             vals.append(np.zeros(0, dtype=np.float32))
             continue
-        svm = LinearSVC(C=c, loss="squared_hinge", dual=True, tol=0.1, max_iter=200, random_state=seed)
+        svm = LinearSVC(C=c, loss="squared_hinge", dual=True, tol=tol, max_iter=1000, random_state=seed)
         svm.fit(X[rows], y.astype(np.int8))
         w = svm.coef_.ravel()
         keep = np.flatnonzero(np.abs(w) >= threshold)
         cols.append(keep.astype(np.int32))
         vals.append(w[keep].astype(np.float32))
         bias[j] = float(svm.intercept_[0])
-    return labels, cols, vals, bias
+    return cols, vals, bias
+
+
+def candidates(Y: sp.csr_matrix, shortlist_ids: np.ndarray) -> sp.csc_matrix:
+    """(N, L) CSC: 1 where a training point's shortlist holds a label, 2 or 3 where the label is one of its
+    positives (in the shortlist or not): every label's training rows, positives marked."""
+    N, L = Y.shape
+    valid = shortlist_ids >= 0
+    rows = np.repeat(np.arange(N), shortlist_ids.shape[1])[valid.ravel()]
+    short = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, shortlist_ids.ravel()[valid.ravel()])),
+                          shape=(N, L))
+    short.data[:] = 1.0  # a label twice in a row's shortlist is still one candidate
+    cand = (short + 2 * (Y > 0).astype(np.float32)).tocsc()
+    cand.sort_indices()
+    return cand
+
+
+# Upper bound on the weights one batch of label fits may write before pruning (entries of 8 bytes).
+_BATCH_ENTRIES = 1 << 25
 
 
 def train_ranker(
@@ -48,36 +68,40 @@ def train_ranker(
     progress: bool = False,
     seed: int = 0,
 ) -> SparseRanker:
-    """Per label: the training points whose shortlist holds it (hard negatives) plus its positives."""
-    N, L = Y.shape
-    valid = shortlist_ids >= 0
-    rows = np.repeat(np.arange(N), shortlist_ids.shape[1])[valid.ravel()]
-    cand = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, shortlist_ids.ravel()[valid.ravel()])),
-                         shape=(N, L))
-    cand = ((cand + Y) > 0).astype(np.float32).tocsc()
-    cand.sort_indices()
-    Yc = Y.tocsc()
-    Yc.sort_indices()
-    chunks = np.array_split(np.arange(L), max(1, min(L, 64)))
-    W_rows: list[tuple[np.ndarray, list[np.ndarray], list[np.ndarray], np.ndarray]] = []
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("ELIAS++: training the sparse ranker", total=L)
-        for res in Parallel(n_jobs=n_jobs, return_as="generator")(
-            delayed(_fit_labels)(X, cand, Yc, ch, c, threshold, seed) for ch in chunks
-        ):
-            W_rows.append(res)
-            bar.advance(task, len(res[0]))
-    indptr = np.zeros(L + 1, dtype=np.int64)
+    """Per label: the training points whose shortlist holds it (hard negatives) plus its positives, one
+    squared-hinge SVM (trainer/svm_solver.py); weights below `threshold` in magnitude pruned."""
+    L = Y.shape[1]
+    cand = candidates(Y.tocsr(), shortlist_ids)
+    problems = LabelProblems(X, cand.indptr, cand.indices, cand.data >= 2)
     all_cols: list[np.ndarray] = [np.zeros(0, dtype=np.int32)] * L
     all_vals: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * L
     bias = np.zeros(L, dtype=np.float32)
-    for labels, cols, vals, b in W_rows:
-        for lab, cc, vv in zip(labels, cols, vals, strict=True):
-            all_cols[lab], all_vals[lab] = cc, vv
-        bias[labels] = b
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("ELIAS++: training the sparse ranker", total=L)
+        for batch in _label_batches(problems.bounds, max(1, L // 64)):
+            cols, vals, b = problems.solve(batch, c, threshold, seed=seed, n_jobs=n_jobs)
+            for lab, cc, vv in zip(batch, cols, vals, strict=True):
+                all_cols[lab], all_vals[lab] = cc, vv
+            bias[batch] = b
+            bar.advance(task, len(batch))
+    indptr = np.zeros(L + 1, dtype=np.int64)
     indptr[1:] = np.cumsum([len(cc) for cc in all_cols])
     W = sp.csr_matrix((np.concatenate(all_vals), np.concatenate(all_cols), indptr), shape=(L, X.shape[1]))
     return SparseRanker(W, bias)
+
+
+def _label_batches(bounds: np.ndarray, max_labels: int) -> list[np.ndarray]:
+    """Consecutive label ranges of at most `max_labels` labels and `_BATCH_ENTRIES` output entries (a label
+    larger than that alone)."""
+    batches, start, total = [], 0, 0
+    for lab, size in enumerate(bounds.tolist()):
+        if lab > start and (lab - start >= max_labels or total + size > _BATCH_ENTRIES):
+            batches.append(np.arange(start, lab))
+            start, total = lab, 0
+        total += size
+    if start < len(bounds):
+        batches.append(np.arange(start, len(bounds)))
+    return batches
 
 
 FUSION_WEIGHTS = (0.0, 0.2, 0.35, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 1.0)

@@ -462,8 +462,9 @@ class Trainer:
         best = load_model_dir(self.out_dir, self.device)
         enc, tensors = best.model.encoder, best.model.search_tensors()
         beam, K = cfg.model.beam_size, cfg.model.shortlist_size
+        depth = max(100, t.reranker_depth)
         tfidf = isinstance(enc, TfidfEncoder)  # its features are the ones load_data computed
-        ids, _ = predict(enc, tensors, data.train, 100, beam, K, t.eval_batch_size, self.progress,
+        ids, _ = predict(enc, tensors, data.train, depth, beam, K, t.eval_batch_size, self.progress,
                          inputs=SparseInputs(data.X_train) if tfidf else None)
         n_jobs = max(1, t.threads or torch.get_num_threads())
         floor = min(t.reranker_thresholds)  # fitted once, keeping every weight any threshold could keep
@@ -472,7 +473,7 @@ class Trainer:
         threshold = max(t.reranker_thresholds)
         report: dict[str, Any] = {}
         if data.dev is not None:
-            dev_ids, dev_scores = predict(enc, tensors, data.dev, 100, beam, K, t.eval_batch_size,
+            dev_ids, dev_scores = predict(enc, tensors, data.dev, depth, beam, K, t.eval_batch_size,
                                           inputs=self.dev_inputs)
             X_dev = self.dev_inputs.X if isinstance(self.dev_inputs, SparseInputs) else \
                 self.featurizer.transform(data.dev)
@@ -490,7 +491,8 @@ class Trainer:
                                       progress=self.progress, seed=t.seed)
             ranker.fusion_weight = weight
         ranker = ranker.pruned(threshold)
-        report.update(nnz=int(ranker.W.nnz), threshold=threshold)
+        ranker.depth = depth
+        report.update(nnz=int(ranker.W.nnz), threshold=threshold, depth=depth)
         with atomic_dir(self.out_dir / "ranker") as tmp:
             ranker.save(tmp)
         self.timings["reranker_s"] = time.perf_counter() - t0

@@ -51,7 +51,7 @@ def build_index_cmd(
     if m.get("reranker"):
         r = m["reranker"]
         console.print(f"ELIAS++ re-ranker: {r['nnz']:,} weights, fusion weight {r['fusion_weight']}, "
-                      f"featurizer {r['featurizer']}/", highlight=False)
+                      f"depth {r.get('depth', 100)}, featurizer {r['featurizer']}/", highlight=False)
     if m.get("pruning"):
         p = m["pruning"]
         console.print(f"pruned A to {p['kappa_requested']} edges per row ({p['edges_before']:,} -> "
@@ -84,8 +84,8 @@ def info(index_dir: Annotated[Path, typer.Argument(help="An index directory.")])
         ("label weights W_L", m["label_weights"]),
         ("cluster weights W_C", m["cluster_weights"]),
         ("label order", "by cluster (row_labels)" if m["label_order"] == "clusters" else "by label id"),
-        ("re-ranker", f"ELIAS++, {m['reranker']['nnz']:,} weights, fusion weight {m['reranker']['fusion_weight']}"
-         if m.get("reranker") else "none (plain ELIAS)"),
+        ("re-ranker", f"ELIAS++, {m['reranker']['nnz']:,} weights, fusion weight {m['reranker']['fusion_weight']}, "
+         f"re-orders the top {m['reranker'].get('depth', 100)}" if m.get("reranker") else "none (plain ELIAS)"),
     ]
     if m.get("pruning"):
         p = m["pruning"]
