@@ -203,6 +203,9 @@ class EliasConfig:
         choices = _CHOICES.get((section, key))
         if choices is not None and value not in choices:
             raise ConfigError(f"{section}.{key} must be one of {', '.join(choices)}, got {value!r}")
+        if key == "reranker_depth" and value < 100:
+            raise ConfigError(f"{section}.{key} must be at least 100 (the answer is the re-ordered list's top 100), "
+                              f"got {value!r}")
         if key == "reranker_thresholds" and (not value or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)):
             raise ConfigError(f"{section}.{key} must be a non-empty list of numbers >= 0, got {value!r}")

@@ -52,3 +52,9 @@ def test_config_takes_the_single_threshold_of_older_model_directories_and_reject
     for bad in ("[]", "[-0.1]", "[\"x\"]", "0.1"):
         with pytest.raises(ConfigError, match="reranker_thresholds"):
             EliasConfig().with_overrides([f"train.reranker_thresholds={bad}"])
+
+
+def test_config_refuses_a_reranker_depth_below_the_answer():
+    assert EliasConfig().with_overrides(["train.reranker_depth=300"]).train.reranker_depth == 300
+    with pytest.raises(ConfigError, match="reranker_depth must be at least 100"):
+        EliasConfig().with_overrides(["train.reranker_depth=50"])
