@@ -7,10 +7,9 @@ calls), with a bias feature of value 1 that is regularised like the others (`int
     min_w  0.5 |w|^2 + C sum_i max(0, 1 - y_i w.x_i)^2
 
 Coordinate descent over the dual variables alpha_i >= 0 with w = sum_i alpha_i y_i x_i, liblinear's shrinking
-and its stopping rule (the projected gradient's spread below `tol`). What scikit-learn adds per call (input
-checks, copies of the rows, the conversion to liblinear's own format: about 2.5 ms a label) is gone: every label
-reads its rows straight out of one CSR matrix, and labels are solved in parallel, one dense weight buffer per
-worker, reset after each label by the features its rows touched.
+and its stopping rule (the projected gradient's spread below `tol`). Labels are solved in parallel, one per task,
+the costliest first; each copies its rows out of one CSR matrix into its own feature ids (per-thread scratch), so
+its passes stream through contiguous memory and a weight vector the size of its own feature set.
 """
 
 from __future__ import annotations
@@ -153,7 +152,7 @@ class LabelProblems:
         X = X.tocsr()
         self.num_features = X.shape[1]
         # Features renumbered by document frequency, most frequent first: most stored entries then fall on a few
-        # thousand low ids, whose weights stay in the cache while a label's points are visited in random order.
+        # thousand low ids, whose entries of the per-thread feature map stay in the cache while rows are copied.
         df = np.bincount(X.indices, minlength=self.num_features)
         self.feature_of = np.argsort(-df, kind="stable").astype(np.int32)  # new id -> feature
         new_id = np.empty(self.num_features, dtype=np.int32)
