@@ -155,6 +155,14 @@ def main() -> None:
     t = meta.get("timings", {})
     parts = [f"{k.removesuffix('_s').replace('_', ' ')} {v:.0f} s" for k, v in t.items() if k != "total_s"]
     lines += ["", f"Where ELIAS's training time goes: {', '.join(parts)} (total {t.get('total_s', 0):.0f} s)."]
+    rr = meta.get("reranker", {})
+    if rr.get("seconds"):
+        chosen = (f", chosen on dev: {100 * rr['dev_positives_below_100_of_top_300']:.1f}% of the dev positives in "
+                  "ELIAS's top 300 rank below 100" if "dev_positives_below_100_of_top_300" in rr else "")
+        sec = rr["seconds"]
+        lines += ["", f"The ELIAS++ ranker: depth {rr['depth']}{chosen}; the training points' top-{rr['depth']} lists "
+                  f"{sec['shortlists']:.0f} s, the fit {sec['fit']:.0f} s, choosing the pruning and fusion weight on "
+                  f"dev and saving {sec['choice_and_save']:.0f} s; {rr['nnz']:,} weights."]
     if meta.get("stage2_skipped"):
         lines += ["", f"Stage 2: {meta['stage2_skipped']}"]
     text = "\n".join(lines)

@@ -113,8 +113,10 @@ class TrainConfig:
     reranker: bool = True  # ELIAS++: train the sparse tf-idf re-ranker after stage 2
     reranker_c: float = 1.0
     # The ranker trains on ELIAS's top-`reranker_depth` lists of the training points (its hard negatives) and
-    # re-orders that many candidates at search time; the answer is the re-ordered list's top 100.
-    reranker_depth: int = 100
+    # re-orders that many candidates at search time; the answer is the re-ordered list's top 100. 0 = chosen on
+    # dev: 300 when more than 5% of the dev positives in ELIAS's top 300 rank below 100, else 100
+    # (trainer/reranker.choose_depth; 100 without a dev split).
+    reranker_depth: int = 0
     # Ranker weights below the threshold's magnitude are pruned: the dev split picks one of these thresholds
     # together with the fusion weight (without a dev split: the largest, the smallest ranker).
     reranker_thresholds: list[float] = field(default_factory=lambda: [0.05, 0.1])
@@ -203,9 +205,9 @@ class EliasConfig:
         choices = _CHOICES.get((section, key))
         if choices is not None and value not in choices:
             raise ConfigError(f"{section}.{key} must be one of {', '.join(choices)}, got {value!r}")
-        if key == "reranker_depth" and value < 100:
-            raise ConfigError(f"{section}.{key} must be at least 100 (the answer is the re-ordered list's top 100), "
-                              f"got {value!r}")
+        if key == "reranker_depth" and value != 0 and value < 100:
+            raise ConfigError(f"{section}.{key} must be 0 (chosen on dev) or at least 100 (the answer is the "
+                              f"re-ordered list's top 100), got {value!r}")
         if key == "reranker_thresholds" and (not value or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)):
             raise ConfigError(f"{section}.{key} must be a non-empty list of numbers >= 0, got {value!r}")

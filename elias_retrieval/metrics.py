@@ -45,6 +45,11 @@ def _hits(pred: np.ndarray, y: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     return y_keys[pos] == p_keys, pos
 
 
+def hits(pred_ids: np.ndarray, y_true: sp.csr_matrix) -> np.ndarray:
+    """(N, k) bool: is the prediction at each rank (-1 = padding) a true label of its point?"""
+    return _hits(_valid_preds(pred_ids, y_true.shape[1]), y_true.tocsr())[0]
+
+
 def evaluate(
     pred_ids: np.ndarray,
     y_true: sp.csr_matrix,

@@ -15,12 +15,15 @@ Both read an index (never writing it) and write a new one with write_index (atom
     whose home is that row, label_layout.home_clusters; stage 1: 1), appended after the row's edges. Rows
     that run out of pad slots widen A for all rows (new slots padded), as `--kappa` pruning does. No existing
     edge changes: every label reachable before stays reachable, and every new label has an edge.
-  - with the ELIAS++ re-ranker: a sparse row from its examples' tf-idf (the mean, cut to the median number
-    of weights of the existing rows and scaled to their median norm), its bias putting the _OWN_QUANTILE
-    margin on its examples at the median margin existing labels give their positives there (too few: 1,
-    where the squared-hinge ranker puts its positives). A label without text examples gets an empty row
-    with the margin NEUTRAL_MARGIN for every query (rank score 0.5): re-ranking neither lifts it to the top
-    nor pushes it to the bottom of a list.
+  - with the ELIAS++ re-ranker: a sparse row fitted as training fits the ranker's rows (squared hinge over
+    the tf-idf features, trainer/reranker.train_ranker) on its examples as positives and, as hard negatives,
+    the other example documents whose top `depth` in the grown index holds it, when there are at least
+    _MIN_NEGATIVES of those. With fewer: its examples' mean tf-idf, cut to the median number of weights of
+    the existing rows and scaled to their median norm, its bias putting the _OWN_QUANTILE margin on its
+    examples at the median margin existing labels give their positives there (too few: 1, where the
+    squared-hinge ranker puts its positives). A label without text examples gets an empty row with the
+    margin NEUTRAL_MARGIN for every query (rank score 0.5): re-ranking neither lifts it to the top nor
+    pushes it to the bottom of a list.
 - `remove_labels`: the labels' rows, edges, names, counts and ranker rows are deleted (A's rows are compacted
   and A narrowed to the widest remaining row); every other label keeps its weights and edges, so searches
   score the remaining labels exactly as before.
@@ -64,6 +67,9 @@ NEUTRAL_MARGIN = 1.0 - math.log(2.0) ** (1.0 / 3.0)
 _MAX_NAMED = 5  # ids named in one error message
 # Calibrate on the existing labels the example documents name when they name at least this many (else top-1).
 _MIN_POSITIVES = 10
+# A new label's ranker row is fitted (squared hinge) when its examples give it at least this many hard negatives;
+# with fewer it is the calibrated mean of its examples' tf-idf.
+_MIN_NEGATIVES = 10
 # The quantile of a new label's logits over its own examples that is set to the calibration target: above the
 # median, since a classifier fitted to a few examples scores other documents higher than a trained one does
 # (EURLEX57K, bench/add_labels.py: 0.8 instead of 0.5 keeps P@5 over all labels, at some recall of the new ones).
@@ -243,7 +249,9 @@ def add_labels(
         counts = torch.cat([counts.long(), torch.tensor([len(m) for m in members], dtype=torch.long)])
     ranker = index.load_ranker()
     if ranker is not None:
-        ranker = _grow_ranker(ranker, index, examples, members, positives)
+        n_examples = len(examples.labels) if examples is not None and any(members) else 0
+        shortlists = _new_label_shortlists(grown, emb[:n_examples], L, ranker.depth, index.defaults)
+        ranker = _grow_ranker(ranker, index, examples, members, positives, shortlists)
     new_vocab = LabelVocab(list(vocab.ids) + new_ids, list(vocab.names) + new_names)
     change = LabelChange(out_dir, "", str(index.manifest.get("index_version", "")), added=n, num_labels=L + n,
                          kappa_before=int(t.A_ids.shape[1]), kappa_after=int(A_ids.shape[1]),
@@ -458,8 +466,21 @@ def _append_rows(W_L: Tensor, scale: Tensor | None, new: Tensor) -> tuple[Tensor
     return torch.cat([W_L, new.to(W_L.dtype)]), scale
 
 
+@torch.no_grad()
+def _new_label_shortlists(grown: SearchTensors, emb: Tensor, num_old: int, depth: int,
+                          defaults: dict[str, int]) -> np.ndarray:
+    """(M, depth) each example document's new labels among its top `depth` in the grown index, as new-label
+    numbers (0 = the first new label), -1 elsewhere: the hard negatives the ranker rows are fitted against."""
+    if emb.shape[0] == 0:
+        return np.full((0, depth), -1, dtype=np.int64)
+    r = search(emb, grown, k=depth, beam_size=int(defaults["beam_size"]),
+               shortlist_size=int(defaults["shortlist_size"]))
+    ids = r.ids.numpy().astype(np.int64)
+    return np.where(ids >= num_old, ids - num_old, -1)
+
+
 def _grow_ranker(ranker: SparseRanker, index: Index, examples: Examples | None, members: list[list[int]],
-                 positives: tuple[np.ndarray, np.ndarray]) -> SparseRanker:
+                 positives: tuple[np.ndarray, np.ndarray], shortlists: np.ndarray) -> SparseRanker:
     """The ranker with a row per new label (module docstring)."""
     W = ranker.W.tocsr()
     F = W.shape[1]
@@ -471,13 +492,19 @@ def _grow_ranker(ranker: SparseRanker, index: Index, examples: Examples | None, 
     X = None
     if examples is not None and examples.texts is not None and featurizer is not None and any(members):
         X = featurizer.transform(list(examples.texts)).tocsr()
+    fitted = _fitted_rows(X, members, shortlists, float(np.abs(W.data).min()) if W.nnz else 0.0) \
+        if X is not None else {}
     target = 1.0  # where the squared-hinge ranker puts its positives ...
     pos_rows, pos_labels = positives
     if X is not None and len(pos_rows) >= _MIN_POSITIVES:  # ... or the median margin they get in the examples
         target = float(np.median(np.asarray(X[pos_rows].multiply(W[pos_labels]).sum(1)).ravel()
                                  + ranker.bias[pos_labels]))
     rows, bias = [], []
-    for m in members:
+    for j, m in enumerate(members):
+        if j in fitted:
+            rows.append(fitted[j][0])
+            bias.append(fitted[j][1])
+            continue
         if X is None or not m or keep_nnz == 0:
             rows.append(sp.csr_matrix((1, F), dtype=np.float32))
             bias.append(NEUTRAL_MARGIN)
@@ -493,6 +520,27 @@ def _grow_ranker(ranker: SparseRanker, index: Index, examples: Examples | None, 
     W_new.sort_indices()
     return SparseRanker(W_new, np.concatenate([ranker.bias, np.asarray(bias, np.float32)]).astype(np.float32),
                         ranker.fusion_weight, ranker.depth)
+
+
+def _fitted_rows(X: sp.csr_matrix, members: list[list[int]], shortlists: np.ndarray, threshold: float
+                 ) -> dict[int, tuple[sp.csr_matrix, float]]:
+    """Ranker rows fitted as training fits them (trainer/reranker.train_ranker: squared hinge, C = 1, pruned at
+    the existing rows' smallest weight) on the example documents, for the new labels with at least
+    _MIN_NEGATIVES hard negatives among them (documents whose grown-index top `depth` holds the label)."""
+    from trainer.reranker import candidates, train_ranker
+
+    n = len(members)
+    pairs = [(i, j) for j, m in enumerate(members) for i in m]
+    r, c = (np.asarray(a, dtype=np.int64) for a in zip(*pairs, strict=True)) if pairs else (np.zeros(0, int),) * 2
+    Y = sp.csr_matrix((np.ones(len(r), dtype=np.float32), (r, c)), shape=(X.shape[0], n))
+    cand = candidates(Y, shortlists)
+    cols = np.repeat(np.arange(n), np.diff(cand.indptr))
+    negatives = np.bincount(cols[cand.data == 1], minlength=n)
+    ok = [j for j in range(n) if members[j] and negatives[j] >= _MIN_NEGATIVES]
+    if not ok:
+        return {}
+    ranker = train_ranker(X, Y, shortlists, 1.0, threshold, n_jobs=max(1, torch.get_num_threads()))
+    return {j: (ranker.W[j], float(ranker.bias[j])) for j in ok}
 
 
 # ----------------------------------------------------------------------------------------------- removing

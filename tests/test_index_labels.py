@@ -126,12 +126,24 @@ def test_rows_of_a_grow_past_kappa_when_full(base, tmp_path):
     assert np.allclose(ranker.rank_score(np.float32(NEUTRAL_MARGIN)), 0.5)
 
 
-def test_example_labels_get_ranker_rows_scaled_like_the_existing_ones(base, added):
-    ranker = read_index(added).load_ranker()
+def test_example_labels_get_ranker_rows_fitted_on_their_examples_or_scaled_like_the_existing_ones(base, added):
+    index = read_index(added)
+    ranker = index.load_ranker()
     L = read_index(base["index"]).tensors.num_labels
-    norms = np.sqrt(np.asarray(ranker.W.multiply(ranker.W).sum(1)).ravel())
-    old = np.median(norms[:L][np.diff(ranker.W.indptr)[:L] > 0])
-    assert np.allclose(norms[L:], old, rtol=1e-3)
+    W = ranker.W.tocsr()
+    norms = np.sqrt(np.asarray(W.multiply(W).sum(1)).ravel())
+    old = np.median(norms[:L][np.diff(W.indptr)[:L] > 0])
+    # A label with enough hard negatives among the examples gets a fitted squared-hinge row (it has negative
+    # weights, for the words of the documents it must rank below); the rest the calibrated mean of its examples.
+    fitted = [j for j in range(L, W.shape[0]) if (W[j].data < 0).any()]
+    assert fitted
+    for j in sorted(set(range(L, W.shape[0])) - set(fitted)):
+        assert np.isclose(norms[j], old, rtol=1e-3)
+    X = index.load_featurizer().transform([_text(d) for d in base["docs"]])
+    for j in fitted:
+        own = np.asarray([base["new"][j - L] in d["labels"] for d in base["docs"]])
+        m = (X @ W[j].T).toarray().ravel() + ranker.bias[j]
+        assert m[own].mean() > m[~own].mean() + 0.5, j
 
 
 def test_refined_classifiers_keep_the_scale_and_separate_the_examples_better(base, added, tmp_path):

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 
 from elias_retrieval.config import ConfigError, EliasConfig
 from elias_retrieval.reranker import SparseRanker
-from trainer.reranker import choose_pruning
+from trainer.reranker import choose_depth, choose_pruning
 
 
 def test_pruned_drops_small_weights_and_leaves_the_original_alone():
@@ -56,5 +56,59 @@ def test_config_takes_the_single_threshold_of_older_model_directories_and_reject
 
 def test_config_refuses_a_reranker_depth_below_the_answer():
     assert EliasConfig().with_overrides(["train.reranker_depth=300"]).train.reranker_depth == 300
-    with pytest.raises(ConfigError, match="reranker_depth must be at least 100"):
+    assert EliasConfig().train.reranker_depth == 0  # chosen on dev
+    with pytest.raises(ConfigError, match="reranker_depth must be 0 .chosen on dev. or at least 100"):
         EliasConfig().with_overrides(["train.reranker_depth=50"])
+
+
+def _dev_lists(n: int, positive_ranks: list[int], depth: int = 300) -> tuple[np.ndarray, sp.csr_matrix]:
+    """n dev points ranked over labels 0..depth-1 in order; point i's positive is the label at positive_ranks[i]."""
+    ids = np.tile(np.arange(depth), (n, 1))
+    y = sp.csr_matrix((np.ones(n, dtype=np.float32), (np.arange(n), positive_ranks)), shape=(n, 1000))
+    return ids, y
+
+
+def test_choose_depth_goes_deep_only_when_the_top_100_misses_enough_positives():
+    ids, y = _dev_lists(20, [3] * 19 + [150])  # 1 of 20 found positives below rank 100: 5%, not more
+    assert choose_depth(ids, y, 1000) == (100, 0.05)
+    ids, y = _dev_lists(20, [3] * 18 + [150, 299])  # 10%
+    assert choose_depth(ids, y, 1000) == (300, 0.1)
+    ids, y = _dev_lists(20, [3] * 18 + [150, 299])
+    assert choose_depth(ids, y, 200)[0] == 200  # never deeper than the label set
+    assert choose_depth(ids, y, 50)[0] == 100
+    ids, y = _dev_lists(2, [999, 999])  # nothing found at all: the shallow window
+    assert choose_depth(ids, y, 1000) == (100, 0.0)
+
+
+def test_margins_are_each_candidates_dot_product_plus_bias():
+    rng = np.random.default_rng(0)
+    X = sp.random(7, 60, density=0.2, format="csr", random_state=1, dtype=np.float32)
+    W = sp.random(40, 60, density=0.3, format="csr", random_state=2, dtype=np.float32)
+    ranker = SparseRanker(W, rng.normal(size=40).astype(np.float32))
+    ids = rng.integers(0, 40, size=(7, 12))
+    ids[0, 5:] = -1  # padding
+    ids[1, :3] = 4  # the same label twice in a list
+    m = ranker.margins(X, ids)
+    dense = X.toarray() @ W.toarray().T + ranker.bias
+    expect = np.where(ids >= 0, np.take_along_axis(dense, np.maximum(ids, 0), 1), -np.inf)
+    np.testing.assert_allclose(m, expect, rtol=1e-5, atol=1e-6)
+    assert m.dtype == np.float32
+    with pytest.raises(ValueError, match="7 feature rows for 2 candidate lists"):
+        ranker.margins(X, ids[:2])
+    with pytest.raises(ValueError, match="past the ranker's 40 labels"):
+        ranker.margins(X, np.full((7, 2), 40))
+
+
+def test_margins_of_a_large_batch_split_over_threads_match_one_thread(monkeypatch):
+    import torch
+
+    rng = np.random.default_rng(3)
+    X = sp.random(700, 80, density=0.1, format="csr", random_state=4, dtype=np.float32)
+    W = sp.random(50, 80, density=0.5, format="csr", random_state=5, dtype=np.float32)
+    ranker = SparseRanker(W, np.zeros(50, dtype=np.float32))
+    ids = rng.integers(-1, 50, size=(700, 20))
+    dense = X.toarray() @ W.toarray().T
+    expect = np.where(ids >= 0, np.take_along_axis(dense, np.maximum(ids, 0), 1), -np.inf)
+    for threads in (1, 2):
+        monkeypatch.setattr(torch, "get_num_threads", lambda n=threads: n)
+        np.testing.assert_allclose(ranker.margins(X, ids), expect, rtol=1e-5, atol=1e-6)

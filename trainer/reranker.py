@@ -10,7 +10,7 @@ from rich.progress import Progress
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import LinearSVC
 
-from elias_retrieval.metrics import evaluate
+from elias_retrieval.metrics import evaluate, hits
 from elias_retrieval.reranker import SparseRanker
 from trainer.svm_solver import LabelProblems
 
@@ -102,6 +102,25 @@ def _label_batches(bounds: np.ndarray, max_labels: int) -> list[np.ndarray]:
     if start < len(bounds):
         batches.append(np.arange(start, len(bounds)))
     return batches
+
+
+SHALLOW_DEPTH, DEEP_DEPTH = 100, 300
+MISSED_FRACTION = 0.05
+
+
+def choose_depth(dev_ids: np.ndarray, y_dev: sp.csr_matrix, num_labels: int) -> tuple[int, float]:
+    """The ranker's depth for `reranker_depth = 0`: DEEP_DEPTH when more than MISSED_FRACTION of the dev positives
+    in ELIAS's top DEEP_DEPTH (`dev_ids`, ranked) lie below rank SHALLOW_DEPTH, else SHALLOW_DEPTH; never more than
+    the number of labels. Also returns that fraction.
+
+    The window costs the ranker's fit and search in proportion to its depth, and pays only through the positives
+    it adds below rank 100, which are mostly rare labels: a head-heavy label set keeps the shallow window.
+    """
+    h = hits(dev_ids[:, :DEEP_DEPTH], y_dev)
+    deep = int(h.sum())
+    missed = float(h[:, SHALLOW_DEPTH:].sum() / deep) if deep else 0.0
+    depth = DEEP_DEPTH if missed > MISSED_FRACTION else SHALLOW_DEPTH
+    return max(SHALLOW_DEPTH, min(depth, num_labels)), missed
 
 
 FUSION_WEIGHTS = (0.0, 0.2, 0.35, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 1.0)

@@ -38,7 +38,7 @@ from trainer.clustering import balanced_clusters, pifa
 from trainer.graph_init import cluster_affinity, init_graph
 from trainer.label_init import centroid_init, label_centroids
 from trainer.optim import RowAdam
-from trainer.reranker import choose_pruning, train_ranker
+from trainer.reranker import DEEP_DEPTH, SHALLOW_DEPTH, choose_depth, choose_pruning, train_ranker
 
 console = Console(stderr=True)
 
@@ -462,19 +462,28 @@ class Trainer:
         best = load_model_dir(self.out_dir, self.device)
         enc, tensors = best.model.encoder, best.model.search_tensors()
         beam, K = cfg.model.beam_size, cfg.model.shortlist_size
-        depth = max(100, t.reranker_depth)
+        report: dict[str, Any] = {}
+        depth = t.reranker_depth or SHALLOW_DEPTH
+        if data.dev is not None:
+            dev_ids, dev_scores = predict(enc, tensors, data.dev, depth if t.reranker_depth else DEEP_DEPTH, beam, K,
+                                          t.eval_batch_size, inputs=self.dev_inputs)
+            if not t.reranker_depth:
+                depth, missed = choose_depth(dev_ids, data.dev.labels, data.train.num_labels)
+                report["dev_positives_below_100_of_top_300"] = round(missed, 4)
+                _log(f"ELIAS++ ranker depth {depth}: {100 * missed:.1f}% of the dev positives in ELIAS's top "
+                     f"{DEEP_DEPTH} rank below 100", self.progress)
+            dev_ids, dev_scores = dev_ids[:, :depth], dev_scores[:, :depth]
         tfidf = isinstance(enc, TfidfEncoder)  # its features are the ones load_data computed
         ids, _ = predict(enc, tensors, data.train, depth, beam, K, t.eval_batch_size, self.progress,
                          inputs=SparseInputs(data.X_train) if tfidf else None)
+        seconds = {"shortlists": time.perf_counter() - t0}
         n_jobs = max(1, t.threads or torch.get_num_threads())
         floor = min(t.reranker_thresholds)  # fitted once, keeping every weight any threshold could keep
         ranker = train_ranker(data.X_train, data.Y_train, ids, t.reranker_c, floor, n_jobs=n_jobs,
                               progress=self.progress, seed=t.seed)
+        seconds["fit"] = time.perf_counter() - t0 - seconds["shortlists"]
         threshold = max(t.reranker_thresholds)
-        report: dict[str, Any] = {}
         if data.dev is not None:
-            dev_ids, dev_scores = predict(enc, tensors, data.dev, depth, beam, K, t.eval_batch_size,
-                                          inputs=self.dev_inputs)
             X_dev = self.dev_inputs.X if isinstance(self.dev_inputs, SparseInputs) else \
                 self.featurizer.transform(data.dev)
             threshold, weight, by_threshold = choose_pruning(
@@ -497,6 +506,8 @@ class Trainer:
             ranker.save(tmp)
         self.timings["reranker_s"] = time.perf_counter() - t0
         report["fusion_weight"] = ranker.fusion_weight
+        seconds["choice_and_save"] = self.timings["reranker_s"] - seconds["shortlists"] - seconds["fit"]
+        report["seconds"] = {k: round(v, 1) for k, v in seconds.items()}  # the holdout's refit is in the last
         _log(f"ELIAS++ ranker: {ranker.W.nnz:,} weights (pruned below {threshold:g}), fusion weight "
              f"{ranker.fusion_weight} ({self.timings['reranker_s']:.1f} s)", self.progress)
         meta_path = self.out_dir / "model.json"
