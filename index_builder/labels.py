@@ -249,9 +249,7 @@ def add_labels(
         counts = torch.cat([counts.long(), torch.tensor([len(m) for m in members], dtype=torch.long)])
     ranker = index.load_ranker()
     if ranker is not None:
-        n_examples = len(examples.labels) if examples is not None and any(members) else 0
-        shortlists = _new_label_shortlists(grown, emb[:n_examples], L, ranker.depth, index.defaults)
-        ranker = _grow_ranker(ranker, index, examples, members, positives, shortlists)
+        ranker = _grow_ranker(ranker, index, examples, members, positives, grown, emb)
     new_vocab = LabelVocab(list(vocab.ids) + new_ids, list(vocab.names) + new_names)
     change = LabelChange(out_dir, "", str(index.manifest.get("index_version", "")), added=n, num_labels=L + n,
                          kappa_before=int(t.A_ids.shape[1]), kappa_after=int(A_ids.shape[1]),
@@ -480,8 +478,8 @@ def _new_label_shortlists(grown: SearchTensors, emb: Tensor, num_old: int, depth
 
 
 def _grow_ranker(ranker: SparseRanker, index: Index, examples: Examples | None, members: list[list[int]],
-                 positives: tuple[np.ndarray, np.ndarray], shortlists: np.ndarray) -> SparseRanker:
-    """The ranker with a row per new label (module docstring)."""
+                 positives: tuple[np.ndarray, np.ndarray], grown: SearchTensors, emb: Tensor) -> SparseRanker:
+    """The ranker with a row per new label (module docstring); `emb` starts with the example documents' rows."""
     W = ranker.W.tocsr()
     F = W.shape[1]
     nnz = np.diff(W.indptr)
@@ -492,8 +490,10 @@ def _grow_ranker(ranker: SparseRanker, index: Index, examples: Examples | None, 
     X = None
     if examples is not None and examples.texts is not None and featurizer is not None and any(members):
         X = featurizer.transform(list(examples.texts)).tocsr()
-    fitted = _fitted_rows(X, members, shortlists, float(np.abs(W.data).min()) if W.nnz else 0.0) \
-        if X is not None else {}
+    fitted: dict[int, tuple[sp.csr_matrix, float]] = {}
+    if X is not None:
+        shortlists = _new_label_shortlists(grown, emb[: X.shape[0]], ranker.W.shape[0], ranker.depth, index.defaults)
+        fitted = _fitted_rows(X, members, shortlists, float(np.abs(W.data).min()) if W.nnz else 0.0)
     target = 1.0  # where the squared-hinge ranker puts its positives ...
     pos_rows, pos_labels = positives
     if X is not None and len(pos_rows) >= _MIN_POSITIVES:  # ... or the median margin they get in the examples
@@ -530,12 +530,11 @@ def _fitted_rows(X: sp.csr_matrix, members: list[list[int]], shortlists: np.ndar
     from trainer.reranker import candidates, train_ranker
 
     n = len(members)
-    pairs = [(i, j) for j, m in enumerate(members) for i in m]
-    r, c = (np.asarray(a, dtype=np.int64) for a in zip(*pairs, strict=True)) if pairs else (np.zeros(0, int),) * 2
-    Y = sp.csr_matrix((np.ones(len(r), dtype=np.float32), (r, c)), shape=(X.shape[0], n))
+    rows = np.asarray([i for m in members for i in m], dtype=np.int64)
+    cols = np.repeat(np.arange(n), [len(m) for m in members])
+    Y = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(X.shape[0], n))
     cand = candidates(Y, shortlists)
-    cols = np.repeat(np.arange(n), np.diff(cand.indptr))
-    negatives = np.bincount(cols[cand.data == 1], minlength=n)
+    negatives = np.bincount(np.repeat(np.arange(n), np.diff(cand.indptr))[cand.data == 1], minlength=n)
     ok = [j for j in range(n) if members[j] and negatives[j] >= _MIN_NEGATIVES]
     if not ok:
         return {}
