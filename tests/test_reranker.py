@@ -61,6 +61,13 @@ def test_config_refuses_a_reranker_depth_below_the_answer():
         EliasConfig().with_overrides(["train.reranker_depth=50"])
 
 
+def test_config_takes_a_deep_keep_rate_in_zero_to_one():
+    assert EliasConfig().with_overrides(["train.reranker_deep_keep=1"]).train.reranker_deep_keep == 1.0
+    for bad in ("0", "1.5", "-0.2"):
+        with pytest.raises(ConfigError, match="reranker_deep_keep must be in"):
+            EliasConfig().with_overrides([f"train.reranker_deep_keep={bad}"])
+
+
 def _dev_lists(n: int, positive_ranks: list[int], depth: int = 300) -> tuple[np.ndarray, sp.csr_matrix]:
     """n dev points ranked over labels 0..depth-1 in order; point i's positive is the label at positive_ranks[i]."""
     ids = np.tile(np.arange(depth), (n, 1))

@@ -76,6 +76,48 @@ def test_labels_without_both_classes_get_a_constant_answer():
     assert w[0] > 0 > w[1] and w[2] < 0 and w[3] == 0  # row 3 is not one of label 3's rows
 
 
+def test_a_row_weighted_2_counts_as_the_row_twice():
+    X, Y, short = synthetic_problem(seed=11)
+    cand = candidates(Y, short)
+    weight = np.where(np.arange(cand.nnz) % 3 == 0, 2.0, 1.0)
+    labels = np.arange(Y.shape[1])
+    wc, wv, wb = LabelProblems(X, cand.indptr, cand.indices, cand.data >= 2, weight).solve(
+        labels, tol=1e-6, max_iter=2000)
+    reps = weight.astype(np.int64)  # the same problems with each weight-2 row stored twice
+    counts = np.add.reduceat(reps, cand.indptr[:-1]) * (np.diff(cand.indptr) > 0)
+    ptr = np.concatenate([[0], np.cumsum(counts)])
+    dc, dv, db = LabelProblems(X, ptr, np.repeat(cand.indices, reps), np.repeat(cand.data >= 2, reps)).solve(
+        labels, tol=1e-6, max_iter=2000)
+    ref = dense(dc, dv, X.shape[1])
+    np.testing.assert_allclose(dense(wc, wv, X.shape[1]), ref, atol=2e-3 * max(1.0, np.abs(ref).max()))
+    np.testing.assert_allclose(wb, db, atol=2e-3)
+    plain = dense(*LabelProblems(X, cand.indptr, cand.indices, cand.data >= 2).solve(labels, tol=1e-6)[:2],
+                  X.shape[1])
+    assert np.abs(plain - ref).max() > 1e-2  # the weights change the solution
+
+
+def test_deep_negatives_are_sampled_and_weighted_up_positives_kept():
+    rng = np.random.default_rng(0)
+    N, L, depth = 400, 500, 60
+    short = np.stack([rng.permutation(L)[:depth] for _ in range(N)])
+    short[:, -3:] = -1
+    Y = sp.csr_matrix((np.ones(N * 2, dtype=np.float32), (np.repeat(np.arange(N), 2), short[:, [5, 40]].ravel())),
+                      shape=(N, L))
+    ids, weights = reranker.sample_deep_negatives(Y, short, 20, 0.25, seed=1)
+    np.testing.assert_array_equal(ids[:, :20], short[:, :20])
+    np.testing.assert_array_equal(ids[:, 40], short[:, 40])  # a positive below the start stays, weight 1
+    assert (weights[:, :20] == 1).all() and (weights[:, 40] == 1).all() and (ids[:, -3:] == -1).all()
+    deep_neg = np.ones((N, depth - 20), dtype=bool)
+    deep_neg[:, 20] = False
+    deep_neg[:, -3:] = False
+    kept = (ids[:, 20:] >= 0) & deep_neg
+    assert abs(kept.sum() / deep_neg.sum() - 0.25) < 0.02
+    assert (weights[:, 20:][kept] == 4.0).all()
+    cand, w = reranker.weighted_candidates(Y, ids, weights)
+    np.testing.assert_array_equal(cand.toarray(), candidates(Y, ids).toarray())
+    assert np.isclose(w.sum(), weights[ids >= 0].sum())
+
+
 def test_threshold_seed_and_threads():
     X, Y, short = synthetic_problem(seed=3)
     cand = candidates(Y, short)

@@ -19,20 +19,24 @@ from elias_retrieval.model import EliasModel
 
 @torch.no_grad()
 def label_centroids(model: EliasModel, inputs: EncoderInputs, Y: sp.csr_matrix, batch_size: int,
-                    device: torch.device) -> torch.Tensor:
-    """(L, d): for each label, the sum of the l2-normalised embeddings of its training positives."""
+                    device: torch.device) -> tuple[torch.Tensor, float]:
+    """(L, d): for each label, the sum of the l2-normalised embeddings of its training positives; and the mean
+    norm of the embeddings."""
     was_training = model.training
     model.eval()
     acc = torch.zeros(model.num_labels, model.W_L.shape[1], device=device)
     n = len(inputs)
+    norm_sum = 0.0
     for start in range(0, n, batch_size):
         rows = np.arange(start, min(start + batch_size, n))
-        emb = F.normalize(model.encoder(inputs.batch(rows, device)).float(), dim=1)
+        raw = model.encoder(inputs.batch(rows, device)).float()
+        norm_sum += float(raw.norm(dim=1).sum())
+        emb = F.normalize(raw, dim=1)
         yb = Y[rows].tocoo()
         acc.index_add_(0, torch.from_numpy(yb.col.astype(np.int64)).to(device),
                        emb.index_select(0, torch.from_numpy(yb.row.astype(np.int64)).to(device)))
     model.train(was_training)
-    return acc
+    return acc, norm_sum / max(1, n)
 
 
 @torch.no_grad()

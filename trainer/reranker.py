@@ -54,6 +54,44 @@ def candidates(Y: sp.csr_matrix, shortlist_ids: np.ndarray) -> sp.csc_matrix:
     return cand
 
 
+SHALLOW_DEPTH, DEEP_DEPTH = 100, 300
+
+
+def sample_deep_negatives(Y: sp.csr_matrix, shortlist_ids: np.ndarray, start: int, keep: float, seed: int = 0
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """The shortlists with each negative at rank `start` or deeper kept with probability `keep` (the others set to
+    -1; positives always kept), and each entry's loss weight: 1 / keep for the kept deep negatives, so they stand
+    for the dropped ones, else 1."""
+    ids = shortlist_ids.copy()
+    weights = np.ones(ids.shape, dtype=np.float32)
+    if keep >= 1.0 or start >= ids.shape[1]:
+        return ids, weights
+    deep = ids[:, start:]
+    rng = np.random.default_rng(seed)
+    negative = (deep >= 0) & (hits(deep, Y) == 0)
+    drop = negative & (rng.random(deep.shape) >= keep)
+    weights[:, start:] = np.where(negative, 1.0 / keep, 1.0)
+    deep[drop] = -1
+    return ids, weights
+
+
+def weighted_candidates(Y: sp.csr_matrix, shortlist_ids: np.ndarray, weights: np.ndarray
+                        ) -> tuple[sp.csc_matrix, np.ndarray]:
+    """`candidates` and each of its entries' loss weight, from per-shortlist-entry `weights` (1 for positives
+    outside the shortlists)."""
+    cand = candidates(Y, shortlist_ids)
+    valid = (shortlist_ids >= 0).ravel()
+    rows = np.repeat(np.arange(Y.shape[0]), shortlist_ids.shape[1])[valid]
+    extra = sp.csr_matrix(((weights.ravel()[valid] - 1.0).astype(np.float32), (rows, shortlist_ids.ravel()[valid])),
+                          shape=Y.shape)
+    extra.eliminate_zeros()
+    w = ((cand != 0).astype(np.float32) + extra).tocsc()  # extra's entries lie within cand's
+    w.sort_indices()
+    if w.nnz != cand.nnz or not np.array_equal(w.indices, cand.indices):
+        raise AssertionError("shortlist weights outside the candidates")
+    return cand, w.data
+
+
 # Upper bound on the weights one batch of label fits may write before pruning (entries of 8 bytes).
 _BATCH_ENTRIES = 1 << 25
 
@@ -67,12 +105,20 @@ def train_ranker(
     n_jobs: int = 2,
     progress: bool = False,
     seed: int = 0,
+    deep_keep: float = 1.0,
 ) -> SparseRanker:
     """Per label: the training points whose shortlist holds it (hard negatives) plus its positives, one
-    squared-hinge SVM (trainer/svm_solver.py); weights below `threshold` in magnitude pruned."""
+    squared-hinge SVM (trainer/svm_solver.py); weights below `threshold` in magnitude pruned. With `deep_keep`
+    below 1 the negatives at rank SHALLOW_DEPTH or deeper are sampled at that rate and weighted up
+    (`sample_deep_negatives`): the fit's cost falls with the pairs it trains on, the loss stays unbiased."""
     L = Y.shape[1]
-    cand = candidates(Y.tocsr(), shortlist_ids)
-    problems = LabelProblems(X, cand.indptr, cand.indices, cand.data >= 2)
+    Y = Y.tocsr()
+    if deep_keep < 1.0 and shortlist_ids.shape[1] > SHALLOW_DEPTH:
+        ids, weights = sample_deep_negatives(Y, shortlist_ids, SHALLOW_DEPTH, deep_keep, seed)
+        cand, cand_weight = weighted_candidates(Y, ids, weights)
+    else:
+        cand, cand_weight = candidates(Y, shortlist_ids), None
+    problems = LabelProblems(X, cand.indptr, cand.indices, cand.data >= 2, cand_weight)
     all_cols: list[np.ndarray] = [np.zeros(0, dtype=np.int32)] * L
     all_vals: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * L
     bias = np.zeros(L, dtype=np.float32)
@@ -103,8 +149,6 @@ def _label_batches(bounds: np.ndarray, max_labels: int) -> list[np.ndarray]:
         batches.append(np.arange(start, len(bounds)))
     return batches
 
-
-SHALLOW_DEPTH, DEEP_DEPTH = 100, 300
 MISSED_FRACTION = 0.05
 
 

@@ -4,7 +4,9 @@ Each label's problem is liblinear's L2-regularised L2-loss SVC solved in the dua
 "A dual coordinate descent method for large-scale linear SVM"; the solver scikit-learn's `LinearSVC(dual=True)`
 calls), with a bias feature of value 1 that is regularised like the others (`intercept_scaling=1`):
 
-    min_w  0.5 |w|^2 + C sum_i max(0, 1 - y_i w.x_i)^2
+    min_w  0.5 |w|^2 + C sum_i c_i max(0, 1 - y_i w.x_i)^2
+
+with per-row weights c_i (1 unless the caller sampled rows and weights the kept ones up to stand for the rest).
 
 Coordinate descent over the dual variables alpha_i >= 0 with w = sum_i alpha_i y_i x_i, liblinear's shrinking
 and its stopping rule (the projected gradient's spread below `tol`). Labels are solved in parallel, one per task,
@@ -21,17 +23,17 @@ from numba import njit, prange
 
 
 @njit(cache=True, nogil=True)
-def _solve_one(ptr, idx, val, sqnorm, y, c, tol, max_iter, seed, w, alpha, order, qd):
+def _solve_one(ptr, idx, val, sqnorm, y, cw, c, tol, max_iter, seed, w, alpha, order, qd, diag):
     """One label's dual coordinate descent. Its n points are rows `ptr[s]:ptr[s + 1]` of (idx, val), in the
-    label's own feature ids; y their +-1 targets; w (its features + 1,) zero on entry, the solution on exit (bias
-    last)."""
+    label's own feature ids; y their +-1 targets, cw their weights; w (its features + 1,) zero on entry, the
+    solution on exit (bias last)."""
     n = y.shape[0]
     bias_col = w.shape[0] - 1
-    diag = 0.5 / c
     for s in range(n):
         alpha[s] = 0.0
         order[s] = s
-        qd[s] = sqnorm[s] + 1.0 + diag
+        diag[s] = 0.5 / (c * cw[s])
+        qd[s] = sqnorm[s] + 1.0 + diag[s]
     state = np.uint64(seed) * np.uint64(6364136223846793005) + np.uint64(1442695040888963407)
     active = n
     pg_max_old = np.inf  # liblinear's shrinking bound (no upper bound on alpha here, so only this side)
@@ -48,7 +50,7 @@ def _solve_one(ptr, idx, val, sqnorm, y, c, tol, max_iter, seed, w, alpha, order
             dot = w[bias_col]
             for p in range(ptr[k], ptr[k + 1]):
                 dot += w[idx[p]] * val[p]
-            g = y[k] * dot - 1.0 + alpha[k] * diag
+            g = y[k] * dot - 1.0 + alpha[k] * diag[k]
             pg = 0.0
             if alpha[k] == 0.0:
                 if g > pg_max_old:  # shrink: this point stays at its bound
@@ -80,7 +82,8 @@ def _solve_one(ptr, idx, val, sqnorm, y, c, tol, max_iter, seed, w, alpha, order
 
 
 @njit(parallel=True, cache=True)
-def _solve_labels(indptr, indices, data, sqnorm, num_features, cand_ptr, cand_rows, cand_pos, labels, c, tol,
+def _solve_labels(indptr, indices, data, sqnorm, num_features, cand_ptr, cand_rows, cand_pos, cand_weight, labels, c,
+                  tol,
                   max_iter, seed, threshold, out_ptr, out_idx, out_val, counts, bias, threads, max_rows, max_entries):
     """Solve `labels` in parallel, one label per task (callers put the costliest first); label j's kept weights go
     to out_idx/out_val[out_ptr[j]:], their number to counts[j], its bias to bias[j]."""
@@ -97,7 +100,9 @@ def _solve_labels(indptr, indices, data, sqnorm, num_features, cand_ptr, cand_ro
     alpha = np.empty((threads, max_rows))
     order = np.empty((threads, max_rows), dtype=np.int64)
     qd = np.empty((threads, max_rows))
+    diag = np.empty((threads, max_rows))
     y = np.empty((threads, max_rows))
+    cw = np.empty((threads, max_rows))
     for j in prange(labels.shape[0]):
         t = numba.get_thread_id()
         lab = labels[j]
@@ -106,6 +111,7 @@ def _solve_labels(indptr, indices, data, sqnorm, num_features, cand_ptr, cand_ro
         npos = 0
         for s in range(n):
             y[t, s] = 1.0 if cand_pos[lo + s] else -1.0
+            cw[t, s] = cand_weight[lo + s]
             npos += cand_pos[lo + s]
         counts[j] = 0
         if n == 0 or npos == 0 or npos == n:  # nothing to separate: a constant answer
@@ -128,8 +134,8 @@ def _solve_labels(indptr, indices, data, sqnorm, num_features, cand_ptr, cand_ro
             ptr[t, s + 1] = e
             norms[t, s] = sqnorm[i]
         wl = w[t, : m + 1]
-        _solve_one(ptr[t], idx[t], val[t], norms[t], y[t, :n], c, tol, max_iter, seed + lab, wl, alpha[t], order[t],
-                   qd[t])
+        _solve_one(ptr[t], idx[t], val[t], norms[t], y[t, :n], cw[t], c, tol, max_iter, seed + lab, wl, alpha[t],
+                   order[t], qd[t], diag[t])
         bias[j] = wl[m]
         out = out_ptr[j]
         kept = 0
@@ -146,9 +152,11 @@ def _solve_labels(indptr, indices, data, sqnorm, num_features, cand_ptr, cand_ro
 
 class LabelProblems:
     """The per-label problems over one training set. X: (N, F) CSR training points; label l trains on the rows
-    `cand_rows[cand_ptr[l]:cand_ptr[l + 1]]`, positive where `cand_pos` is true there."""
+    `cand_rows[cand_ptr[l]:cand_ptr[l + 1]]`, positive where `cand_pos` is true there, each row's loss weighted by
+    `cand_weight` there (default 1)."""
 
-    def __init__(self, X, cand_ptr: np.ndarray, cand_rows: np.ndarray, cand_pos: np.ndarray):
+    def __init__(self, X, cand_ptr: np.ndarray, cand_rows: np.ndarray, cand_pos: np.ndarray,
+                 cand_weight: np.ndarray | None = None):
         X = X.tocsr()
         self.num_features = X.shape[1]
         # Features renumbered by document frequency, most frequent first: most stored entries then fall on a few
@@ -166,6 +174,7 @@ class LabelProblems:
         self.cand_ptr = np.asarray(cand_ptr, np.int64)
         self.cand_rows = np.asarray(cand_rows, np.int64)
         self.cand_pos = np.asarray(cand_pos, np.bool_)
+        self.cand_weight = np.ones(len(self.cand_rows)) if cand_weight is None else np.asarray(cand_weight, np.float64)
         per_pair = np.diff(self.indptr)[self.cand_rows]
         cum = np.zeros(len(per_pair) + 1, dtype=np.int64)
         np.cumsum(per_pair, out=cum[1:])
@@ -199,9 +208,9 @@ class LabelProblems:
             try:
                 with numba.parallel_chunksize(1):
                     _solve_labels(self.indptr, self.indices, self.data, self.sqnorm, self.num_features,
-                                  self.cand_ptr, self.cand_rows, self.cand_pos, ordered, float(c), float(tol),
-                                  int(max_iter), int(seed), float(threshold), out_ptr[first], out_idx, out_val,
-                                  counts_o, bias_o, threads, int((self.cand_ptr[ordered + 1] - self.cand_ptr[
+                                  self.cand_ptr, self.cand_rows, self.cand_pos, self.cand_weight, ordered, float(c),
+                                  float(tol), int(max_iter), int(seed), float(threshold), out_ptr[first], out_idx,
+                                  out_val, counts_o, bias_o, threads, int((self.cand_ptr[ordered + 1] - self.cand_ptr[
                                       ordered]).max()), int(self.entries[ordered].max()))
             finally:
                 numba.set_num_threads(previous)

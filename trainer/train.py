@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +29,13 @@ from elias_retrieval.encoders import (
 )
 from elias_retrieval.evaluation import evaluate_split, predict
 from elias_retrieval.features import TfidfFeaturizer
+from elias_retrieval.frozen_encoders import FrozenTransformer, FrozenTransformerEncoder, HybridEncoder
 from elias_retrieval.malloc import reuse_freed_memory
 from elias_retrieval.model import EliasModel
 from elias_retrieval.modeldir import TrainedModel, load_model_dir, save_model_dir
 from elias_retrieval.precision import PrecisionError, matmul_dtype
 from elias_retrieval.search import cluster_scores
-from trainer import checkpoint
+from trainer import checkpoint, distributed
 from trainer.clustering import balanced_clusters, pifa
 from trainer.graph_init import cluster_affinity, init_graph
 from trainer.label_init import centroid_init, label_centroids
@@ -70,9 +72,30 @@ def make_encoder(cfg: EliasConfig, featurizer: TfidfFeaturizer) -> Encoder:
     m = cfg.model
     if m.encoder == "tfidf":
         return TfidfEncoder(featurizer, m.dim)
-    if m.encoder == "transformer":
-        return TransformerEncoder(m.transformer_path or default_transformer_path(), m.pooling, m.max_length)
-    raise TrainingError(f"model.encoder must be 'tfidf' or 'transformer', got {m.encoder!r}")
+    if m.encoder in ("transformer", "frozen", "hybrid"):
+        transformer = TransformerEncoder(m.transformer_path or default_transformer_path(), m.pooling, m.max_length)
+        if m.encoder == "transformer":
+            return transformer
+        if m.encoder == "frozen":
+            return FrozenTransformerEncoder(FrozenTransformer(transformer), m.dim)
+        return HybridEncoder(TfidfEncoder(featurizer, m.dim), FrozenTransformer(transformer))
+    raise TrainingError(f"model.encoder must be tfidf, transformer, frozen or hybrid, got {m.encoder!r}")
+
+
+def encoder_inputs(encoder: Encoder, X: sp.csr_matrix, data: Dataset) -> EncoderInputs:
+    """The encoder's inputs for `data`, whose tf-idf rows `X` are already computed."""
+    if isinstance(encoder, TfidfEncoder):
+        return SparseInputs(X)
+    if isinstance(encoder, HybridEncoder):
+        return encoder.prepare_with(X, data)
+    return encoder.prepare(data)
+
+
+def tfidf_rows(inputs: EncoderInputs | None) -> sp.csr_matrix | None:
+    """The tf-idf rows inside prepared inputs, when they hold some."""
+    if isinstance(inputs, SparseInputs):
+        return inputs.X
+    return getattr(getattr(inputs, "sparse", None), "X", None)
 
 
 def _log(msg: str, progress: bool) -> None:
@@ -166,7 +189,7 @@ def make_optimizers(model: EliasModel, cfg: EliasConfig, stage: int, total_steps
         lr_clu = t.lr_clusters_stage2
     sparse = model.encoder.sparse_params()
     sparse_ids = {id(p) for p in sparse}
-    enc_dense = [p for p in model.encoder.parameters() if id(p) not in sparse_ids]
+    enc_dense = [p for p in model.encoder.parameters() if id(p) not in sparse_ids and p.requires_grad]
     groups = [
         {"params": enc_dense, "lr": lr_enc},
         {"params": [model.W_C, model.b_C], "lr": lr_clu},
@@ -184,20 +207,31 @@ def make_optimizers(model: EliasModel, cfg: EliasConfig, stage: int, total_steps
 
 def train_step(model: EliasModel, inputs: EncoderInputs, Y: sp.csr_matrix, rows: np.ndarray, lam: float,
                opts: dict[str, torch.optim.Optimizer], device: torch.device,
-               dtype: torch.dtype = torch.float32) -> tuple[float, dict[str, float]]:
+               dtype: torch.dtype = torch.float32,
+               group: distributed.Group | None = None) -> tuple[float, dict[str, float]]:
     """One optimiser step on the training points `rows`: the ELIAS loss, its gradients, every optimiser's update.
-    Returns the loss and the loss's statistics."""
-    batch = inputs.batch(rows, device)
-    yb = Y[rows].tocoo()
-    pos_rows = torch.from_numpy(yb.row.astype(np.int64)).to(device)
-    pos_labels = torch.from_numpy(yb.col.astype(np.int64)).to(device)
-    loss, stats = model.loss(batch, pos_rows, pos_labels, lam, dtype)
+    Returns the loss and the loss's statistics (of this rank's part of `rows` when `group` spans several processes:
+    each back-propagates its part, and the gradients are averaged before the update)."""
+    group = group or distributed.Group()
+    local = group.shard(rows)
     for o in opts.values():
         o.zero_grad(set_to_none=True)
-    loss.backward()
+    loss_value, stats = 0.0, {"recall": 0.0, "path_loss": 0.0}
+    if len(local):
+        batch = inputs.batch(local, device)
+        yb = Y[local].tocoo()
+        pos_rows = torch.from_numpy(yb.row.astype(np.int64)).to(device)
+        pos_labels = torch.from_numpy(yb.col.astype(np.int64)).to(device)
+        loss, stats = model.loss(batch, pos_rows, pos_labels, lam, dtype)
+        loss.backward()
+        loss_value = float(loss.detach())
+    if group.active:
+        params = [p for g in (o.param_groups for o in opts.values()) for pg in g for p in pg["params"]]
+        sparse = {id(p) for p in model.encoder.sparse_params()}
+        distributed.average_gradients(params, sparse, len(local) / len(rows))
     for o in opts.values():
         o.step()
-    return float(loss.detach()), stats
+    return loss_value, stats
 
 
 def _adamw(groups: list[dict[str, Any]], weight_decay: float) -> torch.optim.Optimizer:
@@ -231,8 +265,9 @@ class Trainer:
 
     def __init__(self, dataset_dir: str | Path, out_dir: str | Path, cfg: EliasConfig, progress: bool = True):
         self.dataset_dir, self.out_dir = Path(dataset_dir), Path(out_dir)
-        self.cfg, self.progress = cfg, progress
-        self.device = pick_device(cfg.train.device)
+        self.group = distributed.current()
+        self.cfg, self.progress = cfg, progress and self.group.is_main
+        self.device = distributed.local_device(pick_device(cfg.train.device), self.group)
         try:
             self.matmul_dtype = matmul_dtype(cfg.train.precision, self.device)
         except PrecisionError as e:
@@ -247,22 +282,40 @@ class Trainer:
     def _prepare(self, resume: bool) -> tuple[TfidfFeaturizer, TrainData]:
         if self.cfg.train.threads > 0:
             torch.set_num_threads(self.cfg.train.threads)
+        elif self.group.active:
+            torch.set_num_threads(distributed.threads_per_process(self.group))
         featurizer = TfidfFeaturizer.load(self.out_dir / "featurizer") if resume else None
         t0 = time.perf_counter()
         featurizer, data = load_data(self.dataset_dir, self.cfg, featurizer, self.progress)
         self.timings["data_and_features_s"] = time.perf_counter() - t0
-        if not resume:
+        if not resume and self.group.is_main:
             featurizer.save(self.out_dir / "featurizer")
         return featurizer, data
 
+    def embedding_cache(self) -> Path:
+        return Path(self.cfg.train.embedding_cache) if self.cfg.train.embedding_cache else \
+            self.out_dir / "embeddings"
+
+    def _solo_threads(self) -> None:
+        """Rank 0 alone works from here on (or while the others wait on it): all of the node's cores."""
+        if self.group.active and self.cfg.train.threads == 0:
+            torch.set_num_threads(os.cpu_count() or 1)
+
+    def _shared_threads(self) -> None:
+        if self.group.active and self.cfg.train.threads == 0:
+            torch.set_num_threads(distributed.threads_per_process(self.group))
+
     def _save(self, model: EliasModel, data: TrainData, extra: dict[str, Any]) -> None:
+        if not self.group.is_main:
+            return
         meta = {"num_train": len(data.train), "empty_train_documents": data.empty_train, "timings": self.timings,
                 "embed_dropout": self.dropouts, **extra}
         save_model_dir(self.out_dir, model, self.cfg, data.train.vocab, model_featurizer(model, self.featurizer),
                        torch.from_numpy(data.label_counts), meta)
 
     # ---- the run -------------------------------------------------------------------------------
-    def run(self, resume: bool = False) -> TrainedModel:
+    def run(self, resume: bool = False) -> TrainedModel | None:
+        """Train; returns the selected model (None on the ranks after the first of a multi-process run)."""
         cfg = self.cfg
         if resume and not checkpoint.has_state(self.out_dir):
             raise TrainingError(f"{self.out_dir}: nothing to resume (no {checkpoint.STATE_DIR}/)")
@@ -275,7 +328,8 @@ class Trainer:
         if not resume:  # the fields used are recorded: evaluating and serving the model read texts the same way
             cfg.data = dataset_data_config(self.dataset_dir, cfg.data)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.out_dir / "config.json", cfg.to_dict())
+        if self.group.is_main:
+            write_json(self.out_dir / "config.json", cfg.to_dict())
         reuse_freed_memory()
         t_start = time.perf_counter()
         self.featurizer, data = self._prepare(resume)
@@ -283,6 +337,10 @@ class Trainer:
         C = cfg.model.num_clusters(L)
         torch.manual_seed(cfg.train.seed)
         encoder = make_encoder(cfg, self.featurizer)
+        if isinstance(encoder, (FrozenTransformerEncoder, HybridEncoder)):
+            encoder.set_cache(self.embedding_cache(), self.progress)
+        if isinstance(encoder, TransformerEncoder):  # fine-tuned: its forward and backward in bf16 where native
+            encoder.bf16 = self.matmul_dtype == torch.bfloat16
         model = EliasModel(encoder, L, C, min(cfg.model.kappa, L), cfg.model).to(self.device)
 
         state_t, state_m = (checkpoint.load_state(self.out_dir) if resume else ({}, {}))
@@ -304,13 +362,19 @@ class Trainer:
             progress_state = {"stage": 1, "epoch": 0}
         self.timings.update(progress_state.get("timings", {}))
 
-        # The tf-idf encoder reads the features load_data computed; another encoder tokenises the texts.
-        inputs = SparseInputs(data.X_train) if isinstance(model.encoder, TfidfEncoder) else \
-            model.encoder.prepare(data.train)
+        # The tf-idf encoders read the features load_data computed; the others tokenise or embed the texts.
+        t0 = time.perf_counter()
+        inputs = encoder_inputs(model.encoder, data.X_train, data.train)
+        self.timings["encoder_inputs_s"] = time.perf_counter() - t0
         if not resume and cfg.train.init == "centroid":
             t0 = time.perf_counter()
-            centroids = label_centroids(model, inputs, data.Y_train, cfg.train.eval_batch_size, self.device)
-            n = centroid_init(model, centroids, partition, cfg.train.init_scale, cfg.train.init_label_bias)
+            centroids, mean_norm = label_centroids(model, inputs, data.Y_train, cfg.train.eval_batch_size,
+                                                   self.device)
+            # init_scale is the starting logit of a query on its label's centroid for a unit-length embedding, as
+            # the tf-idf, frozen and hybrid encoders give at the start; a transformer's pooled output is longer
+            # (MiniLM: about 6), and unscaled rows would start with saturated logits and exploding gradients.
+            scale = cfg.train.init_scale / (mean_norm if isinstance(model.encoder, TransformerEncoder) else 1.0)
+            n = centroid_init(model, centroids, partition, scale, cfg.train.init_label_bias)
             self.timings["init_s"] = time.perf_counter() - t0
             _log(f"W_L and W_C start at label centroids ({n:,} labels, {self.timings['init_s']:.1f} s)", self.progress)
         stage = int(progress_state["stage"])
@@ -331,8 +395,13 @@ class Trainer:
             progress_state = {"stage": 2, "epoch": 0, "history": self.history,
                               "best_metric": progress_state.get("best_metric", -1.0)}
         self._run_stage(model, data, inputs, 2, progress_state, state_t, state_m)
-        if not (self.out_dir / "model.json").exists():  # stage2_epochs=0: the stage-1 model with A initialised
+        if self.group.is_main and not (self.out_dir / "model.json").exists():
+            # stage2_epochs=0: the stage-1 model with A initialised
             self._save(model, data, {"selected": {"stage": 2, "epoch": 0}, "history": self.history})
+        self.group.barrier()
+        if not self.group.is_main:  # the rest (the ELIAS++ ranker, the final metadata) is rank 0's
+            return None
+        self._solo_threads()
         if cfg.train.reranker:
             self._train_reranker(data)
         self.timings["total_s"] = time.perf_counter() - t_start + progress_state.get("elapsed_before_s", 0.0)
@@ -355,6 +424,7 @@ class Trainer:
         lam = t.lambda_stage1 if stage == 1 else t.lambda_stage2
         model.dropout.p = embed_dropout(cfg.model, epochs)
         self.dropouts[f"stage{stage}"] = model.dropout.p
+        self.group.broadcast_module(model)  # every rank starts the stage from rank 0's tensors, exactly
         opts, scheds = make_optimizers(model, cfg, stage, max(1, epochs * steps_per_epoch))
         start_epoch = int(progress_state.get("epoch", 0))
         best_metric = float(progress_state.get("best_metric", -1.0))
@@ -384,19 +454,22 @@ class Trainer:
                 task = bar.add_task("", total=n, stage=stage, epoch=f"{epoch + 1}/{epochs}", loss=0.0, rate=0.0)
                 for step, start in enumerate(range(0, n, t.batch_size), 1):
                     rows = order[start: start + t.batch_size]
-                    loss, stats = train_step(model, inputs, Y, rows, lam, opts, self.device, self.matmul_dtype)
+                    loss, stats = train_step(model, inputs, Y, rows, lam, opts, self.device, self.matmul_dtype,
+                                             self.group)
                     for s in scheds.values():
                         s.step()
-                    tot_loss += loss * len(rows)
-                    tot_recall += stats["recall"] * len(rows)
-                    seen += len(rows)
-                    bar.update(task, advance=len(rows), loss=tot_loss / seen,
-                               rate=seen / max(1e-9, time.perf_counter() - t_epoch))
+                    n_local = len(self.group.shard(rows))
+                    tot_loss += loss * n_local
+                    tot_recall += stats["recall"] * n_local
+                    seen += n_local
+                    bar.update(task, advance=len(rows), loss=tot_loss / max(1, seen),
+                               rate=seen * self.group.world / max(1e-9, time.perf_counter() - t_epoch))
                     if epoch * steps_per_epoch + step == probe_at:
                         probe = self._evaluate_dev(model, data)
                         if probe[t.select_metric] <= best_metric:
                             break
                         model.train()
+            tot_loss, tot_recall, seen = self.group.sum_floats([tot_loss, tot_recall, seen], self.device)
             record: dict[str, Any] = {
                 "stage": stage, "epoch": epoch + 1, "loss": tot_loss / max(1, seen),
                 "train_shortlist_recall": tot_recall / max(1, seen), "epoch_s": time.perf_counter() - t_epoch,
@@ -432,22 +505,33 @@ class Trainer:
                 _log(f"stage {stage}: dev {t.select_metric} has not improved; the stage ends here", self.progress)
             progress = {"stage": stage, "epoch": epochs if stopped else epoch + 1, "best_metric": best_metric,
                         "stale": stale, "history": self.history, "timings": self.timings}
-            checkpoint.save_state(self.out_dir, model, opts, scheds, progress)
-            self._append_history(record)
+            if self.group.is_main:
+                checkpoint.save_state(self.out_dir, model, opts, scheds, progress)
+                self._append_history(record)
             if stopped:
                 break
         progress_state["epoch"] = epochs
         progress_state["best_metric"] = best_metric
 
     def _evaluate_dev(self, model: EliasModel, data: TrainData) -> dict[str, float]:
-        """The model's dev metrics (P@1, P@5, nDCG@5, R@10, R@100) at the search defaults; leaves it in eval mode."""
-        t0 = time.perf_counter()
+        """The model's dev metrics (P@1, P@5, nDCG@5, R@10, R@100) at the search defaults; leaves it in eval mode.
+        Rank 0 evaluates; every rank gets its figures."""
         model.eval()
+        metrics = None
+        if self.group.is_main:
+            self._solo_threads()
+            metrics = self._dev_metrics(model, data)
+            self._shared_threads()
+        return self.group.broadcast_object(metrics)
+
+    def _dev_metrics(self, model: EliasModel, data: TrainData) -> dict[str, float]:
+        t0 = time.perf_counter()
         cfg = self.cfg
         assert data.dev is not None
-        if self.dev_inputs is None:  # featurised (or tokenised) once for every evaluation
-            self.dev_inputs = (SparseInputs(self.featurizer.transform(data.dev)) if isinstance(
-                model.encoder, TfidfEncoder) else model.encoder.prepare(data.dev))
+        if self.dev_inputs is None:  # featurised (or tokenised, or embedded) once for every evaluation
+            X_dev = self.featurizer.transform(data.dev) if isinstance(model.encoder, (
+                TfidfEncoder, HybridEncoder)) else None
+            self.dev_inputs = encoder_inputs(model.encoder, X_dev, data.dev)
         dev = evaluate_split(model.encoder, model.search_tensors(), data.dev, data.label_counts, len(data.train),
                              cfg.model.beam_size, cfg.model.shortlist_size, cfg.train.eval_batch_size,
                              inputs=self.dev_inputs)
@@ -461,6 +545,8 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         best = load_model_dir(self.out_dir, self.device)
         enc, tensors = best.model.encoder, best.model.search_tensors()
+        if isinstance(enc, (FrozenTransformerEncoder, HybridEncoder)):
+            enc.set_cache(self.embedding_cache(), self.progress)
         beam, K = cfg.model.beam_size, cfg.model.shortlist_size
         report: dict[str, Any] = {}
         depth = t.reranker_depth or SHALLOW_DEPTH
@@ -473,19 +559,19 @@ class Trainer:
                 _log(f"ELIAS++ ranker depth {depth}: {100 * missed:.1f}% of the dev positives in ELIAS's top "
                      f"{DEEP_DEPTH} rank below 100", self.progress)
             dev_ids, dev_scores = dev_ids[:, :depth], dev_scores[:, :depth]
-        tfidf = isinstance(enc, TfidfEncoder)  # its features are the ones load_data computed
         ids, _ = predict(enc, tensors, data.train, depth, beam, K, t.eval_batch_size, self.progress,
-                         inputs=SparseInputs(data.X_train) if tfidf else None)
+                         inputs=encoder_inputs(enc, data.X_train, data.train))
         seconds = {"shortlists": time.perf_counter() - t0}
         n_jobs = max(1, t.threads or torch.get_num_threads())
         floor = min(t.reranker_thresholds)  # fitted once, keeping every weight any threshold could keep
         ranker = train_ranker(data.X_train, data.Y_train, ids, t.reranker_c, floor, n_jobs=n_jobs,
-                              progress=self.progress, seed=t.seed)
+                              progress=self.progress, seed=t.seed, deep_keep=t.reranker_deep_keep)
         seconds["fit"] = time.perf_counter() - t0 - seconds["shortlists"]
         threshold = max(t.reranker_thresholds)
         if data.dev is not None:
-            X_dev = self.dev_inputs.X if isinstance(self.dev_inputs, SparseInputs) else \
-                self.featurizer.transform(data.dev)
+            X_dev = tfidf_rows(self.dev_inputs)
+            if X_dev is None:
+                X_dev = self.featurizer.transform(data.dev)
             threshold, weight, by_threshold = choose_pruning(
                 ranker, t.reranker_thresholds, X_dev, dev_ids, dev_scores, data.dev.labels, data.label_counts,
                 len(data.train), t.select_metric)
@@ -497,7 +583,7 @@ class Trainer:
                 ranker = train_ranker(sp.vstack([data.X_train, X_dev], format="csr"),
                                       sp.vstack([data.Y_train, data.dev.known_labels()], format="csr"),
                                       np.concatenate([ids, dev_ids]), t.reranker_c, floor, n_jobs=n_jobs,
-                                      progress=self.progress, seed=t.seed)
+                                      progress=self.progress, seed=t.seed, deep_keep=t.reranker_deep_keep)
             ranker.fusion_weight = weight
         ranker = ranker.pruned(threshold)
         ranker.depth = depth
@@ -532,7 +618,26 @@ def _format_record(r: dict[str, Any]) -> str:
     return s
 
 
+def _train_rank(dataset_dir: str | Path, out_dir: str | Path, cfg: EliasConfig, resume: bool, progress: bool) -> None:
+    Trainer(dataset_dir, out_dir, cfg, progress).run(resume)
+
+
 def train(dataset_dir: str | Path, out_dir: str | Path, cfg: EliasConfig | None = None, resume: bool = False,
-          progress: bool = True) -> TrainedModel:
-    """Train ELIAS on DATASET_DIR (train split; dev for model selection) and write the model to OUT_DIR."""
-    return Trainer(dataset_dir, out_dir, cfg or EliasConfig(), progress).run(resume)
+          progress: bool = True, nproc: int = 1) -> TrainedModel | None:
+    """Train ELIAS on DATASET_DIR (train split; dev for model selection) and write the model to OUT_DIR.
+
+    `nproc` > 1 trains data-parallel in that many processes started here (trainer/distributed.py). Under torchrun
+    (WORLD_SIZE set) every process calls this with nproc=1 and joins torchrun's group; all but rank 0 return None.
+    """
+    cfg = cfg or EliasConfig()
+    if nproc < 1:
+        raise TrainingError(f"--nproc must be at least 1, got {nproc}")
+    if nproc > 1:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise TrainingError("--nproc starts its own processes: under torchrun leave it out")
+        if distributed.backend(cfg.train.device) == "nccl" and nproc > torch.cuda.device_count():
+            raise TrainingError(f"--nproc {nproc} on CUDA needs {nproc} GPUs; {torch.cuda.device_count()} found")
+        distributed.launch(nproc, cfg.train.device, _train_rank, dataset_dir, out_dir, cfg, resume, progress)
+        return load_model_dir(Path(out_dir), pick_device(cfg.train.device))
+    distributed.init_from_env(cfg.train.device)
+    return Trainer(dataset_dir, out_dir, cfg, progress).run(resume)

@@ -14,6 +14,7 @@ from elias_retrieval.baseline import DEFAULT_EF_SEARCH, AnnBaseline, check_kind
 from elias_retrieval.cli.app import app, console, fail, user_errors
 from elias_retrieval.config import EliasConfig
 
+ENCODER_KINDS = ("tfidf", "transformer", "frozen", "hybrid")
 DATASET_HELP = (
     "Dataset directory holding train.*, test.* and optionally dev.* (JSON lines or XC format, gzipped or not)."
 )
@@ -24,13 +25,18 @@ DATASET_HELP = (
 def train(
     dataset_dir: Annotated[Path, typer.Argument(help=DATASET_HELP)],
     model_dir: Annotated[Path, typer.Argument(help="Output model directory (created).")],
-    encoder: Annotated[str | None, typer.Option(help="Query encoder: tfidf (fast on CPU) or transformer.")] = None,
+    encoder: Annotated[str | None, typer.Option(
+        help="Query encoder: tfidf (fast on CPU), transformer (fine-tuned), frozen (a trained layer on frozen "
+             "transformer embeddings) or hybrid (tfidf plus frozen embeddings).")] = None,
     config: Annotated[
         Path | None, typer.Option(help="JSON config file (sections data, features, model, train).")
     ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: section.key=value.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in MODEL_DIR from its last epoch.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+    nproc: Annotated[int, typer.Option(
+        help="Train data-parallel in N processes on this machine (torch.distributed: gloo on the CPU, nccl with one "
+             "GPU each). For several machines run `torchrun ... -m elias_retrieval train` instead.")] = 1,
 ) -> None:
     """Train an ELIAS model (stages 0, 1, sparse-A init, 2) and write it to MODEL_DIR."""
     from trainer.train import train as run_training
@@ -46,10 +52,12 @@ def train(
         if encoder:
             cfg = cfg.with_overrides([f"model.encoder={encoder}"])
         cfg = cfg.with_overrides(set_ or [])
-        if cfg.model.encoder not in ("tfidf", "transformer"):
-            fail(f"--encoder must be tfidf or transformer, got {cfg.model.encoder!r}")
+        if cfg.model.encoder not in ENCODER_KINDS:
+            fail(f"--encoder must be one of {', '.join(ENCODER_KINDS)}, got {cfg.model.encoder!r}")
     t0 = time.perf_counter()
-    trained = run_training(dataset_dir, model_dir, cfg, resume=resume, progress=not quiet)
+    trained = run_training(dataset_dir, model_dir, cfg, resume=resume, progress=not quiet, nproc=nproc)
+    if trained is None:  # a process after the first of a torchrun group: rank 0 reports
+        return
     sel = trained.meta.get("selected", {})
     console.print(f"model written to [bold]{model_dir}[/] in {time.perf_counter() - t0:.0f} s "
                   f"(selected stage {sel.get('stage')} epoch {sel.get('epoch')})")
