@@ -39,6 +39,10 @@ bench: setup
 	$(PY) bench/quality.py $(DATA)/xc/bibtex --out $(RUN_DIR)/bench-bibtex
 	$(PY) bench/quality.py $(DATA)/xc/delicious --out $(RUN_DIR)/bench-delicious
 	$(PY) bench/train_profile.py --data $(DATA)/tibkat
+	$(PY) bench/encoders.py $(DATA)/eurlex57k --encoders tfidf,frozen,hybrid --out $(RUN_DIR)/bench-encoders
+	for k in tfidf frozen hybrid; do $(VENV)/bin/elias build-index $(RUN_DIR)/bench-encoders/$$k $(RUN_DIR)/bench-encoders/$$k-index --quiet; done
+	$(PY) bench/text_latency.py $(RUN_DIR)/bench-encoders/tfidf-index $(RUN_DIR)/bench-encoders/frozen-index $(RUN_DIR)/bench-encoders/hybrid-index
+	$(PY) bench/add_labels.py --work $(RUN_DIR)/scratch-labels --full-model $(RUN_DIR)/bench-encoders/tfidf
 	$(PY) bench/index_load.py --quality $(RUN_DIR)/bench-eurlex57k/model $(DATA)/eurlex57k
 	$(PY) bench/recall_latency.py --model $(RUN_DIR)/bench-eurlex57k/model --data $(DATA)/eurlex57k
 	$(VENV)/bin/elias build-index $(RUN_DIR)/bench-eurlex57k/model $(RUN_DIR)/bench-eurlex57k-index --quiet

@@ -91,8 +91,10 @@ class TrainConfig:
     stage2_probe_fraction: float = 0.25
     lr_encoder: float = 4e-3  # the tf-idf encoder
     lr_encoder_stage2: float = 1e-3
-    lr_transformer: float = 1e-4  # the transformer encoder
-    lr_transformer_stage2: float = 3e-5
+    # The fine-tuned transformer: the usual range for fine-tuning a pretrained BERT-style model (2e-5 gave dev P@5
+    # 14.3 against 8.9 for 1e-4 after one epoch on 1,000 EURLEX57K documents).
+    lr_transformer: float = 2e-5
+    lr_transformer_stage2: float = 1e-5
     lr_clusters: float = 5e-3
     lr_clusters_stage2: float = 2e-3
     lr_labels: float = 1e-2

@@ -189,9 +189,16 @@ class _FrozenBase(Encoder):
     def batch_embeddings(self, batch: dict[str, Tensor]) -> Tensor:
         return batch["embeddings"] if "embeddings" in batch else self.frozen.embed_batch(batch)
 
+    def _save_parts(self, d: Path) -> None:
+        """Parts saved in their own subdirectories besides the transformer (the hybrid's tf-idf encoder)."""
 
-def _save_transformer(frozen: FrozenTransformer, d: Path) -> None:
-    frozen.transformer.save(d / "transformer")
+    def save(self, directory: str | Path) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self._save_parts(d)
+        self.frozen.transformer.save(d / "transformer")
+        write_safetensors(d / "head.safetensors", _head_state(self))
+        write_json(d / ENCODER_FILE, {"kind": self.kind, "dim": self.dim})
 
 
 def _load_transformer(d: Path) -> FrozenTransformer:
@@ -232,13 +239,6 @@ class FrozenTransformerEncoder(_FrozenBase):
         h = self.proj(self.batch_embeddings(batch))
         return h + self.hidden(nn.functional.gelu(h))
 
-    def save(self, directory: str | Path) -> None:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        _save_transformer(self.frozen, d)
-        write_safetensors(d / "head.safetensors", _head_state(self))
-        write_json(d / ENCODER_FILE, {"kind": self.kind, "dim": self.dim})
-
     @classmethod
     def load(cls, directory: str | Path, meta: dict[str, Any]) -> FrozenTransformerEncoder:
         d = Path(directory)
@@ -273,13 +273,8 @@ class HybridEncoder(_FrozenBase):
     def sparse_params(self) -> list[nn.Parameter]:
         return self.tfidf.sparse_params()
 
-    def save(self, directory: str | Path) -> None:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
+    def _save_parts(self, d: Path) -> None:
         self.tfidf.save(d / "tfidf")
-        _save_transformer(self.frozen, d)
-        write_safetensors(d / "head.safetensors", _head_state(self))
-        write_json(d / ENCODER_FILE, {"kind": self.kind, "dim": self.dim})
 
     @classmethod
     def load(cls, directory: str | Path, meta: dict[str, Any]) -> HybridEncoder:

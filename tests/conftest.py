@@ -28,6 +28,17 @@ def bibtex(shared_data_dir) -> Path:
     return shared_data_dir / "xc" / "bibtex"
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch at one intra-op thread for the test (the shared machine's cores are few), restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A random 1-layer BERT (hidden 32) with the MiniLM tokenizer, saved as a local Hugging Face directory."""

@@ -27,3 +27,8 @@ def test_add_labels_quick_run_writes_every_row(tmp_path: Path) -> None:
     assert has_row(body, without), body
     assert re.search(r"Time: training the model [\d,.]+ s \+ building its index [\d.]+ s, against adding the 13 "
                      r"labels [\d.]+ s in closed form, [\d.]+ s refined", body), body
+    removal = re.search(r"Removing the 13 labels again \(`remove_labels` on the refined index, [\d.]+ s\): in "
+                        r"([\d,]+) test searches .* no result names a removed label \(asserted\)\. R@100 of the other "
+                        rf"labels: ELIAS ({num}) after removal, ({num}) before it", body)
+    assert removal, body
+    assert float(removal.group(2)) >= float(removal.group(3))  # fewer competitors: the others can only gain

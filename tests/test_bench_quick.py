@@ -71,6 +71,10 @@ SYNTHETIC = [
         r"^\| search inside the server / that loop with the wait \(p50s\) \| \d+\.\d{2}x \| \| \|$",
     ]),
     ("index_load.py", "## Index size and load time", [r"^\| fp16 \| cold \| \d+\.\d{4} \| \d+\.\d{3} \| "]),
+    ("text_latency.py", "## Text queries over gRPC, by encoder", [
+        r"^\| tiny TIBKAT index \| tfidf \| (yes|no) \| \d+\.\d{2} \| \d+\.\d{2} \| \d+ \| \d+\.\d{2} \| \d+\.\d{2} "
+        r"\| 0 \|$",  # no failed call under load
+    ]),
 ]
 
 
@@ -173,3 +177,14 @@ def test_ranker_fit_quick_run_compares_the_fits_and_depths(tmp_path: Path) -> No
     assert has_row(body, rf"^\| ELIAS \(no ranker\) \|{metrics}  \|$"), body
     for name in ("sklearn LinearSVC per label", "batched solver, depth 100", "batched solver, depth 150"):
         assert has_row(body, rf"^\| {name} \|{metrics} [\d.]+ s, \d threads?; pruned at [\d.]+ "), body
+
+
+def test_encoders_quick_run_compares_bf16_and_the_encoders(tmp_path: Path) -> None:
+    text = run_quick("encoders.py", tmp_path / "B.md", "--encoders", "tfidf,hybrid", "--skip-xrlinear",
+                     "--out", str(tmp_path / "runs"))
+    body = section(text, "## Encoders on EURLEX57K")
+    assert has_row(body, r"^\| embedding, 128 tokens, .* \| \d+\.\d{2} \| \d+\.\d{2} \| \d+\.\d{2}x faster; cosine")
+    assert has_row(body, r"^\| training step, 256 tokens, batch \d+ \(examples/s\) \| \d+\.\d \| \d+\.\d \|")
+    assert has_row(body, r"^\| ELIAS\+\+, tf-idf \(default\) \| \d+\.\d{2} \|")
+    assert has_row(body, r"^\| ELIAS\+\+, hybrid \(tf-idf \+ frozen MiniLM\) \| (\d+\.\d{2} \| ){5}\d+ \| "
+                         r"\d+\.\d{2} \| \d+\.\d{2} \| embedding the splits \d+ s")

@@ -16,12 +16,7 @@ from elias_retrieval.model import EliasModel
 N, F, L, C, D = 48, 60, 64, 16, 16  # 16 clusters of 4 labels: alpha * softmax stays below 1, W_C gets gradients
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _data(seed: int = 0) -> Dataset:
