@@ -132,8 +132,9 @@ def main() -> None:
     out: Path = args.out or ROOT / "runs" / f"bench-encoders-{data.name}"
     from quality import NAMES, quick_overrides
 
-    quick = quick_overrides() if args.quick else []
-    max_test = 200 if args.quick else 0
+    # quick: fewer documents than quality.py's quick run, since the transformer embeds each of them
+    quick = [*quick_overrides(), "train.max_train_points=600", "train.max_eval_points=100"] if args.quick else []
+    max_test = 100 if args.quick else 0
     env_line = machine()
     lines = [f"Machine: {env_line}. Date: {today()}. Command: `{command_line()}`.", ""]
     lines += precision_lines(data, args.quick)
