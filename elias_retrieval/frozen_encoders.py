@@ -123,13 +123,8 @@ class FrozenTransformer(nn.Module):
             task = bar.add_task("embedding", total=len(texts))
             for start in range(0, len(texts), EMBED_BATCH):
                 rows = order[start: start + EMBED_BATCH]
-                width = max(len(ids[i]) for i in rows)
-                input_ids = torch.full((len(rows), width), t.tokenizer.pad_token_id or 0, dtype=torch.long)
-                mask = torch.zeros((len(rows), width), dtype=torch.long)
-                for j, i in enumerate(rows):
-                    input_ids[j, : len(ids[i])] = torch.as_tensor(ids[i])
-                    mask[j, : len(ids[i])] = 1
-                batch = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+                padded = t.tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
+                batch = {k: padded[k].to(device) for k in ("input_ids", "attention_mask")}
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     e = t(batch)
                 out[torch.from_numpy(rows)] = nn.functional.normalize(e.float(), dim=1).cpu()
@@ -169,7 +164,9 @@ class EmbeddingCache:
         return E
 
 
-class _FrozenBase(Encoder):
+class FrozenBase(Encoder):
+    """What the frozen and hybrid encoders share: the frozen transformer, its embedding cache, saving."""
+
     frozen: FrozenTransformer
     cache: EmbeddingCache | None = None
     progress: bool = False
@@ -220,7 +217,7 @@ def _load_head(module: nn.Module, path: Path) -> None:
         raise EncoderError(f"{path}: does not match the encoder ({', '.join(bad[:3])})")
 
 
-class FrozenTransformerEncoder(_FrozenBase):
+class FrozenTransformerEncoder(FrozenBase):
     kind = "frozen"
 
     def __init__(self, frozen: FrozenTransformer, dim: int):
@@ -247,7 +244,7 @@ class FrozenTransformerEncoder(_FrozenBase):
         return enc
 
 
-class HybridEncoder(_FrozenBase):
+class HybridEncoder(FrozenBase):
     """phi(x) = tfidf_encoder(x) + P e(x): the tf-idf encoder plus the frozen embedding e through a projection P."""
 
     kind = "hybrid"

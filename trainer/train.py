@@ -29,7 +29,7 @@ from elias_retrieval.encoders import (
 )
 from elias_retrieval.evaluation import evaluate_split, predict
 from elias_retrieval.features import TfidfFeaturizer
-from elias_retrieval.frozen_encoders import FrozenTransformer, FrozenTransformerEncoder, HybridEncoder
+from elias_retrieval.frozen_encoders import FrozenBase, FrozenTransformer, FrozenTransformerEncoder, HybridEncoder
 from elias_retrieval.malloc import reuse_freed_memory
 from elias_retrieval.model import EliasModel
 from elias_retrieval.modeldir import TrainedModel, load_model_dir, save_model_dir
@@ -337,7 +337,7 @@ class Trainer:
         C = cfg.model.num_clusters(L)
         torch.manual_seed(cfg.train.seed)
         encoder = make_encoder(cfg, self.featurizer)
-        if isinstance(encoder, (FrozenTransformerEncoder, HybridEncoder)):
+        if isinstance(encoder, FrozenBase):
             encoder.set_cache(self.embedding_cache(), self.progress)
         if isinstance(encoder, TransformerEncoder):  # fine-tuned: its forward and backward in bf16 where native
             encoder.bf16 = self.matmul_dtype == torch.bfloat16
@@ -545,7 +545,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         best = load_model_dir(self.out_dir, self.device)
         enc, tensors = best.model.encoder, best.model.search_tensors()
-        if isinstance(enc, (FrozenTransformerEncoder, HybridEncoder)):
+        if isinstance(enc, FrozenBase):
             enc.set_cache(self.embedding_cache(), self.progress)
         beam, K = cfg.model.beam_size, cfg.model.shortlist_size
         report: dict[str, Any] = {}
