@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from elias_retrieval.atomic import write_json, write_safetensors
 from elias_retrieval.data import Dataset
 from elias_retrieval.features import TfidfFeaturizer
+from elias_retrieval.precision import has_fast_bf16
 
 ENCODER_FILE = "encoder.json"
 # torch marks its sparse CSR tensors as beta and warns on each construction; the operations used here are stable.
@@ -186,7 +187,9 @@ class TransformerEncoder(Encoder):
         self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
         self.pooling, self.max_length = pooling, max_length
         self.dim = int(self.model.config.hidden_size)
-        self.bf16 = False  # autocast the forward (and so the backward) to bf16; the trainer sets it where native
+        # Autocast the forward (and so the backward) to bf16: True / False force it; None = where the hardware runs
+        # bf16 natively (a loaded encoder at search time; the trainer sets it from train.precision).
+        self.bf16: bool | None = None
 
     def prepare(self, data: Dataset | list[str]) -> TokenInputs:
         texts = data if isinstance(data, list) else data.texts
@@ -197,10 +200,13 @@ class TransformerEncoder(Encoder):
         )
         return TokenInputs(enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64))
 
+    def uses_bf16(self, device: torch.device) -> bool:
+        return has_fast_bf16(device) if self.bf16 is None else self.bf16
+
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         # Off, it leaves an enclosing autocast (a frozen encoder's) in force.
-        bf16 = torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
-        with bf16:
+        device = batch["input_ids"].device
+        with torch.autocast(device.type, dtype=torch.bfloat16) if self.uses_bf16(device) else nullcontext():
             out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         out = out.float()
         if self.pooling == "cls":

@@ -82,6 +82,7 @@ class FrozenTransformer(nn.Module):
         super().__init__()
         self.transformer = transformer
         self.transformer.requires_grad_(False)
+        self.transformer.bf16 = False  # the precision is this wrapper's own autocast (`bf16` below)
         self.transformer.eval()
         self.dim = transformer.dim
         self.bf16 = "auto"  # "auto": bf16 where native; "fp32" / "bf16" force one (the benchmarks compare them)

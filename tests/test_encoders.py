@@ -101,6 +101,7 @@ def test_tfidf_projection_gradient_touches_only_the_batch_feature_rows(tfidf_enc
 def test_transformer_cls_and_mean_pooling_differ_and_follow_their_definitions(tiny_bert):
     cls_enc = TransformerEncoder(tiny_bert, pooling="cls", max_length=32)
     mean_enc = TransformerEncoder(tiny_bert, pooling="mean", max_length=32)
+    cls_enc.bf16 = mean_enc.bf16 = False  # compared with fp32 hidden states below
     assert cls_enc.dim == mean_enc.dim == 32
     a, b = cls_enc.encode(TEXTS), mean_enc.encode(TEXTS)
     assert a.shape == b.shape == (4, 32)
@@ -116,9 +117,28 @@ def test_transformer_cls_and_mean_pooling_differ_and_follow_their_definitions(ti
 
 def test_transformer_mean_pooling_ignores_padding(tiny_bert):
     enc = TransformerEncoder(tiny_bert, pooling="mean", max_length=32)
+    enc.bf16 = False
     alone = enc.encode([TEXTS[3]])
     in_batch = enc.encode(TEXTS)[3:]  # padded to the batch's longest text
     torch.testing.assert_close(alone, in_batch, atol=1e-5, rtol=1e-4)
+
+
+def test_transformer_runs_bf16_where_native_unless_told_and_agrees_with_fp32(tiny_bert, monkeypatch):
+    import elias_retrieval.encoders as encoders
+
+    enc = TransformerEncoder(tiny_bert, pooling="mean", max_length=32)
+    cpu = torch.device("cpu")
+    assert enc.bf16 is None  # a loaded encoder: the hardware decides
+    monkeypatch.setattr(encoders, "has_fast_bf16", lambda device: False)
+    assert not enc.uses_bf16(cpu)
+    fp32 = enc.encode(TEXTS)
+    monkeypatch.setattr(encoders, "has_fast_bf16", lambda device: True)
+    assert enc.uses_bf16(cpu)
+    bf16 = enc.encode(TEXTS)
+    assert not torch.equal(fp32, bf16)  # bf16 did run
+    assert torch.nn.functional.cosine_similarity(fp32, bf16).min() > 0.99
+    enc.bf16 = False  # forced off (the trainer's train.precision=fp32) wins over the hardware
+    torch.testing.assert_close(enc.encode(TEXTS), fp32, atol=0, rtol=0)
 
 
 def test_transformer_rejects_an_unknown_pooling_and_a_non_model_dir(tiny_bert, tmp_path):
