@@ -70,6 +70,9 @@ def main() -> None:
     ap.add_argument("--deep-keeps", default="1.0",
                     help="rates at which negatives ranked below 100 are kept (train.reranker_deep_keep), "
                          "comma-separated; each is fitted at each depth above 100")
+    ap.add_argument("--deep-from", type=int, default=0,
+                    help="the rank from which negatives are sampled (train.reranker_deep_from; 0: the model's); "
+                         "with it, the keep rates are fitted at depth 100 too")
     ap.add_argument("--no-reference", action="store_true", help="skip the scikit-learn fit")
     ap.add_argument("--threads", type=int, default=0, help="solver threads (0: torch's, every core)")
     ap.add_argument("--quick", action="store_true", help="a tiny model on Bibtex, depths 100 and 150")
@@ -112,9 +115,10 @@ def main() -> None:
     rows: list[tuple[str, dict, str]] = [("ELIAS (no ranker)", evaluate(test_ids[:, :100], test.labels, counts, n), "")]
     fits: list[tuple[str, int, float, bool]] = (
         [] if args.no_reference else [("sklearn LinearSVC per label", 100, 1.0, True)])
+    deep_from = args.deep_from or t.reranker_deep_from
     for d in depths:
-        for k in keeps if d > 100 else [1.0]:
-            kept = "" if k == 1.0 else f", deep negatives kept at {k:g}"
+        for k in keeps if d > deep_from else [1.0]:
+            kept = "" if k == 1.0 else f", negatives from rank {deep_from} kept at {k:g}"
             fits.append((f"batched solver, depth {d}{kept}", d, k, False))
     for name, depth, keep, ref in fits:
         t0 = time.perf_counter()
@@ -122,7 +126,7 @@ def main() -> None:
             ranker = reference_ranker(data.X_train, data.Y_train, train_ids[:, :depth], t.reranker_c, floor, t.seed)
         else:
             ranker = train_ranker(data.X_train, data.Y_train, train_ids[:, :depth], t.reranker_c, floor,
-                                  n_jobs=threads, seed=t.seed, deep_keep=keep)
+                                  n_jobs=threads, seed=t.seed, deep_keep=keep, deep_from=deep_from)
         fit_s = time.perf_counter() - t0
         thr, w, by = choose_pruning(ranker, t.reranker_thresholds, X_dev, dev_ids[:, :depth], dev_scores[:, :depth],
                                     data.dev.labels, counts, n, t.select_metric)

@@ -128,6 +128,7 @@ class TrainConfig:
     # loss weighted by the inverse (1 = every one): the fit costs in proportion to its pairs, and the deep negatives
     # are the many easy ones.
     reranker_deep_keep: float = 0.5
+    reranker_deep_from: int = 100  # the rank from which the negatives are the sampled deep ones
     # Ranker weights below the threshold's magnitude are pruned: the dev split picks one of these thresholds
     # together with the fusion weight (without a dev split: the largest, the smallest ranker).
     reranker_thresholds: list[float] = field(default_factory=lambda: [0.05, 0.1])
@@ -220,6 +221,8 @@ class EliasConfig:
         if key == "reranker_depth" and value != 0 and value < 100:
             raise ConfigError(f"{section}.{key} must be 0 (chosen on dev) or at least 100 (the answer is the "
                               f"re-ordered list's top 100), got {value!r}")
+        if key == "reranker_deep_from" and value < 1:
+            raise ConfigError(f"{section}.{key} must be at least 1, got {value!r}")
         if key == "reranker_deep_keep" and not 0.0 < value <= 1.0:
             raise ConfigError(f"{section}.{key} must be in (0, 1], got {value!r}")
         if key == "reranker_thresholds" and (not value or not all(

@@ -140,10 +140,12 @@ class FrozenTransformer(nn.Module):
 
 
 class EmbeddingCache:
-    """Embeddings of whole splits as safetensors files in one directory, keyed by texts and transformer settings."""
+    """Embeddings of whole splits as safetensors files in one directory, keyed by texts and transformer settings;
+    those read or made in this process are kept in memory as well."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
+        self._memo: dict[str, Tensor] = {}
 
     def key(self, frozen: FrozenTransformer, texts: list[str]) -> str:
         h = hashlib.sha256(json.dumps({**frozen.settings(), "bf16": frozen.use_bf16()}, sort_keys=True).encode())
@@ -152,16 +154,33 @@ class EmbeddingCache:
             h.update(b"\0")
         return h.hexdigest()[:32]
 
-    def embed(self, frozen: FrozenTransformer, texts: list[str], progress: bool = False) -> Tensor:
-        path = self.directory / f"{self.key(frozen, texts)}.safetensors"
+    def load(self, frozen: FrozenTransformer, texts: list[str]) -> Tensor | None:
+        """The cached embeddings of `texts`, or None."""
+        key = self.key(frozen, texts)
+        if key in self._memo:
+            return self._memo[key]
+        path = self.directory / f"{key}.safetensors"
         if path.is_file():
             E = load_file(str(path))["embeddings"]
             if E.shape == (len(texts), frozen.dim):
+                self._memo[key] = E
                 return E
-        E = frozen.embed(texts, progress)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        write_safetensors(path, {"embeddings": E}, metadata={"texts": str(len(texts)), **{
-            k: str(v) for k, v in frozen.settings().items()}})
+        return None
+
+    def store(self, frozen: FrozenTransformer, texts: list[str], E: Tensor, write: bool = True) -> None:
+        """Cache `E` as the embeddings of `texts`: in memory, and (`write`) in the directory, atomically."""
+        key = self.key(frozen, texts)
+        self._memo[key] = E
+        if write:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            write_safetensors(self.directory / f"{key}.safetensors", {"embeddings": E}, metadata={
+                "texts": str(len(texts)), **{k: str(v) for k, v in frozen.settings().items()}})
+
+    def embed(self, frozen: FrozenTransformer, texts: list[str], progress: bool = False) -> Tensor:
+        E = self.load(frozen, texts)
+        if E is None:
+            E = frozen.embed(texts, progress)
+            self.store(frozen, texts, E)
         return E
 
 

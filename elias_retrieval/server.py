@@ -50,7 +50,7 @@ from elias_retrieval.proto.elias.v1 import searcher_pb2 as pb
 from elias_retrieval.proto.elias.v1 import searcher_pb2_grpc as pb_grpc
 from elias_retrieval.searcher import Query, QueryError, Searcher, SearchParams, SearchResults
 from elias_retrieval.tls import server_tls
-from elias_retrieval.wire import Encoded, ResponseEncoder, result_to_proto  # noqa: F401 - the reference, here too
+from elias_retrieval.wire import Encoded, HitHeads, ResponseEncoder, result_to_proto  # noqa: F401 - the reference
 
 log = logging.getLogger("elias.server")
 
@@ -131,13 +131,13 @@ class _Status(Exception):
 
 @dataclass(eq=False)
 class _Served:
-    """One served index: its searcher, its batcher, its responses' encoder (label fields cached), and how many
-    calls are using them."""
+    """One served index: its searcher, its batcher, its responses' encoder (every label's hit fields made
+    beforehand), and how many calls are using them."""
 
     searcher: Searcher
     batcher: DynamicBatcher | None
-    calls: int = 0
     encoder: ResponseEncoder = field(default_factory=ResponseEncoder)
+    calls: int = 0
 
 
 class SearcherServicer(pb_grpc.SearcherServicer):
@@ -168,10 +168,12 @@ class SearcherServicer(pb_grpc.SearcherServicer):
             if served.calls == 0:
                 self._calls.notify_all()
 
-    def switch(self, searcher: Searcher, batcher: DynamicBatcher | None) -> _Served | None:
-        """Send new calls to `searcher` (and `batcher`); return what was served before (None at first)."""
+    def switch(self, searcher: Searcher, batcher: DynamicBatcher | None,
+               encoder: ResponseEncoder | None = None) -> _Served | None:
+        """Send new calls to `searcher` (and `batcher`, their responses written by `encoder`); return what was
+        served before (None at first)."""
         with self._calls:
-            old, self._served = self._served, _Served(searcher, batcher)
+            old, self._served = self._served, _Served(searcher, batcher, encoder or ResponseEncoder())
             self.searcher, self.batcher = searcher, batcher
         return old
 
@@ -383,10 +385,11 @@ class SearchServer:
         the index served before, if any, once its calls in flight finished (its batcher closed)."""
         if warmup:
             searcher.warmup()
+        encoder = ResponseEncoder(HitHeads(searcher.labels, searcher.info.num_labels))
         on_batch = self.observability.on_batch if self.observability is not None else None
         batcher = DynamicBatcher(searcher, self.cfg.max_batch, self.cfg.max_wait_us, on_batch) \
             if self.cfg.batching else None
-        old = self.servicer.switch(searcher, batcher)
+        old = self.servicer.switch(searcher, batcher, encoder)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if old is not None:
             if not self.servicer.drain(old, self.cfg.grace_s):

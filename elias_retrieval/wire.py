@@ -1,16 +1,16 @@
 """Search results as `elias.v1` response bytes: the same bytes `SerializeToString` writes for the same message.
 
 `result_to_proto` builds the message (the reference). `ResponseEncoder` writes most results faster: a hit is mostly
-its label's constant fields (index, label_id, name), so it keeps each label's encoded hit up to its score and
-appends the score's 4 bytes. A result it does not write itself (explanations, a score of exactly +0.0, which
-proto3 leaves out, or mostly labels not cached) is the reference's bytes. Field numbers and wire types are
+its label's constant fields (index, label_id, name), so every label's encoded hit up to its score is made once
+(`HitHeads`) and a hit is that and the score's 4 bytes. A result it does not write itself (explanations, a score
+of exactly +0.0, which proto3 leaves out) is the reference's bytes. Field numbers and wire types are
 those of proto/elias/v1/searcher.proto.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -88,20 +88,33 @@ class Encoded:
         return self.data
 
 
-class ResponseEncoder:
-    """`SearchResponse` / `SearchBatchResponse` bytes of `SearchResults`, with each label's head cached.
+class HitHeads:
+    """Every label's hit up to its score (`_head`), one buffer for the whole index: label j's is
+    `data[start[j]:start[j + 1]]`. Made once per served index (about a second per million labels, and about
+    the labels' strings' size in memory), so that no response pays for its labels' fields."""
 
-    Made after a search, a head costs microseconds, which a label seen once never pays back: a result of mostly
-    uncached labels is the reference's bytes, and caches them only when a result led by the same label came before
-    (a query, or its neighbourhood, repeats); a result of mostly cached labels caches the rest. At most
-    `max_labels` heads (about 180 bytes each with 30-character ids and names; when full, the cache starts again);
-    the cache belongs to one `LabelStrings` (one index): results of other labels start it again. Thread-safe.
+    def __init__(self, labels: LabelStrings, num_labels: int):
+        ids = labels.ids if labels.ids is not None else [str(j) for j in range(num_labels)]
+        names = labels.names if labels.names is not None else [""] * num_labels
+        if isinstance(ids, Mapping) or isinstance(names, Mapping):
+            raise TypeError("HitHeads needs the whole vocabulary (sequences of ids and names)")
+        heads = list(map(_head, range(num_labels), ids, names))
+        self.labels = labels
+        self.data = b"".join(heads)
+        self.start = np.zeros(num_labels + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, heads), dtype=np.int64, count=num_labels), out=self.start[1:])
+
+
+class ResponseEncoder:
+    """`SearchResponse` / `SearchBatchResponse` bytes of `SearchResults`, each hit its label's head and its score.
+
+    With `HitHeads` (one index's, made beforehand: `elias serve` makes them while it loads the index) a result
+    costs a few microseconds per hit; results of other labels, with explanations or with a score of +0.0 (proto3
+    leaves it out, so the head's length would be wrong) are the reference's bytes.
     """
 
-    def __init__(self, max_labels: int = 1 << 18):
-        self.max_labels = max_labels
-        # (the labels of the cache, their heads by dense id, the top labels of results of mostly uncached labels)
-        self._cache: tuple[LabelStrings | None, dict[int, bytes], set[int]] = (None, {}, set())
+    def __init__(self, heads: HitHeads | None = None):
+        self.heads = heads
 
     def search_response(self, res: SearchResults, index_version: str) -> Encoded:
         return Encoded(_message(_MESSAGE_1, self.result(res, 0)) + _string(_STRING_2, index_version), index_version)
@@ -115,49 +128,17 @@ class ResponseEncoder:
 
         Few numpy calls: after a search their code and data are cold, and each costs microseconds.
         """
-        if res.cluster is not None:
+        heads = self.heads
+        if heads is None or res.cluster is not None or res.labels is not heads.labels:
             return result_to_proto(res, row).SerializeToString()
-        ids = res.ids[row].tolist()
-        while ids and ids[-1] < 0:  # the -1s after the last reachable label
-            ids.pop()
-        cache, tops = self._cache_of(res.labels)
-        heads = list(map(cache.get, ids))
-        new = [j for j, h in enumerate(heads) if h is None]
-        if 2 * len(new) > len(ids):  # mostly uncached labels: the reference writes them as fast
-            data = result_to_proto(res, row).SerializeToString()
-            if ids[0] in tops:
-                self._add(cache, [ids[j] for j in new], [res.label_ids[row][j] for j in new],
-                          [res.label_names[row][j] for j in new])
-            else:
-                if len(tops) >= self.max_labels:
-                    tops.clear()
-                tops.add(ids[0])
-            return data
-        if new:
-            new_ids = [ids[j] for j in new]
-            dense = np.array([new_ids], dtype=np.int64)
-            made = self._add(cache, new_ids, res.labels.ids_of(dense)[0], res.labels.names_of(dense)[0])
-            for j, head in zip(new, made, strict=True):
-                heads[j] = head
-        scores = _split4(len(ids))(res.scores[row, :len(ids)].astype("<f4", copy=False).tobytes())
-        if _ZERO_F32 in scores:  # left out of its hit: that head's length is wrong
+        ids = res.ids[row]
+        n = int(np.count_nonzero(ids >= 0))
+        scores = _split4(n)(res.scores[row, :n].astype("<f4", copy=False).tobytes())
+        if _ZERO_F32 in scores:
             return result_to_proto(res, row).SerializeToString()
-        parts = heads * 2  # head, score, head, score, ...
-        parts[0::2], parts[1::2] = heads, scores
+        data, start = heads.data, heads.start
+        ids = ids[:n]
+        parts = [b""] * (2 * n)  # head, score, head, score, ...
+        parts[0::2] = [data[a:b] for a, b in zip(start[ids].tolist(), start[ids + 1].tolist(), strict=True)]
+        parts[1::2] = scores
         return b"".join(parts) + _string(_STRING_2, res.methods[row] if res.methods else "ELIAS")
-
-    def _cache_of(self, labels: LabelStrings) -> tuple[dict[int, bytes], set[int]]:
-        """The heads cached of `labels` and the top labels seen (both new for other labels than the last)."""
-        cached, cache, tops = self._cache
-        if cached is not labels:
-            cache, tops = {}, set()
-            self._cache = (labels, cache, tops)
-        return cache, tops
-
-    def _add(self, cache: dict[int, bytes], ids: list[int], label_ids: list[str], names: list[str]) -> list[bytes]:
-        """Make the heads of these labels and cache them (starting again when full)."""
-        made = list(map(_head, ids, label_ids, names))
-        if len(cache) + len(made) > self.max_labels:
-            cache.clear()
-        cache.update(zip(ids, made, strict=True))
-        return made

@@ -85,6 +85,43 @@ def test_averaged_gradients_are_the_whole_batch_gradients(tmp_path):
                 torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=f"{name} {rank} {i}")
 
 
+def _rank_embeddings(model_dir: str, cache_dir: str, out: str, n: int) -> None:
+    from elias_retrieval.encoders import TransformerEncoder
+    from elias_retrieval.frozen_encoders import EmbeddingCache, FrozenTransformer
+
+    group = distributed.current()
+    frozen = FrozenTransformer(TransformerEncoder(model_dir, pooling="mean", max_length=32))
+    frozen.bf16 = "fp32"
+    texts = [f"document {i} " + "word " * (i % 7) for i in range(n)]
+    seen: list[int] = []
+    embed = frozen.embed
+    frozen.embed = lambda ts, progress=False: (seen.append(len(ts)), embed(ts))[1]  # type: ignore[method-assign]
+    cache = EmbeddingCache(cache_dir)
+    distributed.share_embeddings(cache, frozen, texts, group, torch.device("cpu"))
+    E = cache.embed(frozen, texts)  # from memory: nothing embedded here
+    save_file({"E": E, "seen": torch.tensor(seen + [0])}, str(Path(out) / f"rank{group.rank}.safetensors"))
+    # Again, now that rank 0 has the file: nobody embeds.
+    seen.clear()
+    distributed.share_embeddings(EmbeddingCache(cache_dir), frozen, texts, group, torch.device("cpu"))
+    assert not seen
+
+
+def test_frozen_embeddings_are_made_once_each_rank_its_share(tiny_bert, tmp_path):
+    from elias_retrieval.encoders import TransformerEncoder
+    from elias_retrieval.frozen_encoders import FrozenTransformer
+
+    n = 75  # more than one embedding batch; the ranks' shares differ by one row
+    distributed.launch(2, "cpu", _rank_embeddings, str(tiny_bert), str(tmp_path / "cache"), str(tmp_path), n)
+    frozen = FrozenTransformer(TransformerEncoder(tiny_bert, pooling="mean", max_length=32))
+    frozen.bf16 = "fp32"
+    want = frozen.embed([f"document {i} " + "word " * (i % 7) for i in range(n)])
+    got = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
+    assert [g["seen"].tolist() for g in got] == [[38, 0], [37, 0]]  # each embedded its share, once
+    for g in got:
+        torch.testing.assert_close(g["E"], want, rtol=1e-4, atol=1e-5)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1  # rank 0 wrote it
+
+
 # ---- training -----------------------------------------------------------------------------------
 
 def _eval(model_dir: Path, bibtex: Path, out: Path) -> dict:

@@ -66,6 +66,9 @@ def test_config_takes_a_deep_keep_rate_in_zero_to_one():
     for bad in ("0", "1.5", "-0.2"):
         with pytest.raises(ConfigError, match="reranker_deep_keep must be in"):
             EliasConfig().with_overrides([f"train.reranker_deep_keep={bad}"])
+    assert EliasConfig().with_overrides(["train.reranker_deep_from=50"]).train.reranker_deep_from == 50
+    with pytest.raises(ConfigError, match="reranker_deep_from must be at least 1"):
+        EliasConfig().with_overrides(["train.reranker_deep_from=0"])
 
 
 def _dev_lists(n: int, positive_ranks: list[int], depth: int = 300) -> tuple[np.ndarray, sp.csr_matrix]:

@@ -15,7 +15,7 @@ from elias_retrieval.proto.elias.v1 import searcher_pb2 as pb
 from elias_retrieval.proto.elias.v1 import searcher_pb2_grpc as pb_grpc
 from elias_retrieval.searcher import LabelStrings, Searcher, SearchResults
 from elias_retrieval.server import ServerConfig, start_server
-from elias_retrieval.wire import ResponseEncoder, result_to_proto
+from elias_retrieval.wire import HitHeads, ResponseEncoder, result_to_proto
 
 L = 300
 
@@ -54,17 +54,22 @@ def assert_encodes_as_plain(enc: ResponseEncoder, res: SearchResults, version: s
     assert data == plain_batch(res, version).SerializeToString()
 
 
+def encoder(s: Searcher) -> ResponseEncoder:
+    return ResponseEncoder(HitHeads(s.labels, s.info.num_labels))
+
+
 @pytest.mark.parametrize("explain", [False, True])
 @pytest.mark.parametrize("k, beam", [(10, 4), (100, 1)])  # beam 1: fewer than k labels reachable
 def test_encoded_responses_equal_the_plain_messages(explain: bool, k: int, beam: int):
-    s, enc = searcher(), ResponseEncoder()
+    s = searcher()
+    enc = encoder(s)
     res = s.search_embeddings(queries(), k=k, beam_size=beam, shortlist_size=100, explain=explain)
     if k == 100:
         assert (res.ids < 0).any()
     assert_encodes_as_plain(enc, res)
-    assert_encodes_as_plain(enc, res)  # again, from the cache
     res.methods = ["ELIAS++", "ELIAS"] * 3
     assert_encodes_as_plain(enc, res, version="")
+    assert_encodes_as_plain(ResponseEncoder(), res)  # no heads: the reference
 
 
 def test_zero_and_negative_zero_scores_index_0_empty_strings_and_negative_clusters(
@@ -72,57 +77,44 @@ def test_zero_and_negative_zero_scores_index_0_empty_strings_and_negative_cluste
     ids = np.array([[0, 1, 2, 3, -1, -1]])
     scores = np.array([[0.0, -0.0, 1.5, np.float32(1e-40), 0.0, 0.0]], dtype=np.float32)
     strings = LabelStrings(["", "é", "x" * 200, "d"], ["", "", "名" * 50, "n"])
-    enc = ResponseEncoder()
-    for _ in range(2):  # the labels new, then cached: +0.0 is left out either way
-        assert_encodes_as_plain(enc, SearchResults(ids, scores, strings))
+    enc = ResponseEncoder(HitHeads(strings, 4))
+    assert_encodes_as_plain(enc, SearchResults(ids, scores, strings))  # +0.0 is left out: the reference
     explained = SearchResults(ids, scores, strings, cluster=np.array([[0, -1, 2**31 - 1, 3, -1, -1]]),
                               path=np.array([[0.0, -0.0, 0.5, 1.0, 0, 0]], np.float32),
                               label_prob=np.array([[0.0, 1.0, 0.5, 0.0, 0, 0]], np.float32))
     assert_encodes_as_plain(enc, explained)
-    assert_encodes_as_plain(enc, SearchResults(ids, scores))  # no label tables: dense ids, empty names
     empty = SearchResults(np.full((2, 3), -1), np.zeros((2, 3), np.float32), strings)
     assert_encodes_as_plain(enc, empty)
     negative_zero = SearchResults(ids, np.array([[-0.0, 1.5, 1e-40, 2.0, 0, 0]], np.float32), strings)
-    expected = result_to_proto(negative_zero, 0).SerializeToString()
-    assert_encodes_as_plain(enc, negative_zero)  # its labels cached
-    monkeypatch.setattr(wire, "result_to_proto", None)  # labels cached, no +0.0 score: written here
-    assert enc.result(negative_zero, 0) == expected
+    expected = [result_to_proto(r, 0).SerializeToString() for r in (negative_zero, empty)]
+    monkeypatch.setattr(wire, "result_to_proto", None)  # no +0.0 score: written from the heads alone
+    assert [enc.result(negative_zero, 0), enc.result(empty, 0)] == expected
 
 
-def test_the_cache_follows_other_labels_and_stays_bounded():
-    enc = ResponseEncoder()
-    one, two = searcher("v1"), searcher("v2")  # the same tensors and hits, other label strings
-    for s in (one, two, one):
-        res = s.search_embeddings(queries(), k=20, beam_size=C)
-        for _ in range(3):  # mostly new labels (the reference's bytes) until they are cached (written here)
-            assert_encodes_as_plain(enc, res, s.index_version)
-        assert {i for i in res.ids.ravel().tolist() if i >= 0} <= set(enc._cache[1])
-    small = ResponseEncoder(max_labels=25)
-    for seed in range(4):
-        assert_encodes_as_plain(small, one.search_embeddings(queries(seed=seed), k=20, beam_size=C))
-        assert len(small._cache[1]) <= 25 and len(small._cache[2]) <= 25
-
-
-def test_cached_and_partly_cached_results_are_written_without_the_reference(monkeypatch: pytest.MonkeyPatch):
-    enc = ResponseEncoder()
-    strings = LabelStrings([f"é{i}" for i in range(40)], [f"name {i}" if i % 2 else "" for i in range(40)])
-
-    def res(ids: list[int]) -> SearchResults:
-        return SearchResults(np.array([ids + [-1]]), np.linspace(1, 0.1, len(ids) + 1, dtype=np.float32)[None],
-                             strings)
-
-    first = res(list(range(20)))
-    expected = {key: result_to_proto(r, 0).SerializeToString() for key, r in
-                (("first", first), ("partly", res([*range(15), 30, 31, 32, 33, 34])), ("new", res([*range(20, 40)])))}
-    assert enc.result(first, 0) == expected["first"]  # all new: the reference; its top label noted
-    assert not enc._cache[1] and enc._cache[2] == {0}
-    assert enc.result(first, 0) == expected["first"]  # led by the same label again: the reference, all cached
-    assert len(enc._cache[1]) == 20
+def test_dense_ids_without_label_tables_are_written_from_the_heads(monkeypatch: pytest.MonkeyPatch):
+    ids = np.array([[0, 5, 127, 128, 16_384, 299_999]])
+    scores = np.linspace(2.0, 0.5, 6, dtype=np.float32)[None]
+    res = SearchResults(ids, scores)  # no label tables: dense ids as ids, empty names
+    enc = ResponseEncoder(HitHeads(res.labels, 300_000))
+    expected = result_to_proto(res, 0).SerializeToString()
     monkeypatch.setattr(wire, "result_to_proto", None)
-    assert enc.result(first, 0) == expected["first"]
-    assert enc.result(res([*range(15), 30, 31, 32, 33, 34]), 0) == expected["partly"]  # 5 of 20 new
+    assert enc.result(res, 0) == expected
+
+
+def test_results_of_another_index_are_the_references_bytes(monkeypatch: pytest.MonkeyPatch):
+    one, two = searcher("v1"), searcher("v2")  # the same tensors and hits, other label strings
+    enc = encoder(one)
+    res = two.search_embeddings(queries(), k=20, beam_size=C)
+    assert_encodes_as_plain(enc, res, two.index_version)
+    monkeypatch.setattr(wire, "result_to_proto", None)
     with pytest.raises(TypeError):
-        enc.result(res([*range(20, 40)]), 0)  # all new: the reference's turn
+        enc.result(res, 0)  # not its labels: the reference's turn
+    assert enc.result(one.search_embeddings(queries(), k=20, beam_size=C), 0)  # its own: the heads
+
+
+def test_heads_need_whole_label_tables():
+    with pytest.raises(TypeError, match="whole vocabulary"):
+        HitHeads(LabelStrings({3: "a"}, {3: ""}), 4)
 
 
 def test_served_search_and_batch_decode_to_the_plain_messages_before_and_after_a_swap():
@@ -137,7 +129,7 @@ def test_served_search_and_batch_decode_to_the_plain_messages_before_and_after_a
                 q = queries(seed=7)
                 for explain in (False, True):
                     params = pb.SearchParams(k=30, beam_size=2, explain=explain)
-                    for e in [*q, *q, *q]:  # the third time from the cache
+                    for e in q:
                         got = stub.Search(pb.SearchRequest(query=pb.Query(embedding=pb.DenseEmbedding(
                             values=e.tolist())), params=params), timeout=10)
                         local = s.search_embeddings(e[None], k=30, beam_size=2, explain=explain)
@@ -146,6 +138,7 @@ def test_served_search_and_batch_decode_to_the_plain_messages_before_and_after_a
                         embedding=pb.DenseEmbedding(values=e.tolist())) for e in q], params=params), timeout=10)
                     local = s.search_embeddings(q, k=30, beam_size=2, explain=explain)
                     assert got_batch == plain_batch(local, s.index_version)
-                assert len(server.servicer._served.encoder._cache[1]) > 0
+                heads = server.servicer._served.encoder.heads
+                assert heads is not None and heads.labels is s.labels
     finally:
         server.stop(0)

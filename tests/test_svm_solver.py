@@ -118,6 +118,18 @@ def test_deep_negatives_are_sampled_and_weighted_up_positives_kept():
     assert np.isclose(w.sum(), weights[ids >= 0].sum())
 
 
+def test_the_sampling_starts_at_deep_from(monkeypatch: pytest.MonkeyPatch):
+    X, Y, short = synthetic_problem(seed=3)
+    starts: list[int] = []
+    sample = reranker.sample_deep_negatives
+    monkeypatch.setattr(reranker, "sample_deep_negatives", lambda *a, **k: (starts.append(a[2]), sample(*a, **k))[1])
+    plain = train_ranker(X, Y, short, threshold=0.01, n_jobs=1)
+    assert (train_ranker(X, Y, short, threshold=0.01, n_jobs=1, deep_keep=0.5, deep_from=short.shape[1]).W
+            != plain.W).nnz == 0  # nothing that deep: not sampled
+    sampled = train_ranker(X, Y, short, threshold=0.01, n_jobs=1, deep_keep=0.5, deep_from=short.shape[1] // 2)
+    assert starts == [short.shape[1] // 2] and (sampled.W != plain.W).nnz > 0
+
+
 def test_threshold_seed_and_threads():
     X, Y, short = synthetic_problem(seed=3)
     cand = candidates(Y, short)

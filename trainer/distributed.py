@@ -10,7 +10,8 @@ so a step is the single-process step on the whole batch. Dense gradients go thro
 tf-idf projection's sparse row gradients are all-gathered (ids and rows; nccl has no sparse all-reduce) and
 coalesced, so a row touched on two ranks gets the sum of both. Rank 0 alone evaluates dev, writes the model
 directory and the checkpoints, and fits the ELIAS++ ranker; its decisions are broadcast, so all ranks run the same
-number of steps.
+number of steps. A frozen transformer's embeddings of the training split are made once, each rank embedding its
+share (`share_embeddings`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.multiprocessing.spawn import ProcessException
+
+from elias_retrieval.frozen_encoders import EmbeddingCache, FrozenTransformer
 
 # Rank 0 evaluates dev, writes checkpoints and (last) fits the ranker while the other ranks wait in a collective.
 TIMEOUT = timedelta(hours=2)
@@ -79,6 +82,20 @@ class Group:
         dist.all_reduce(t)
         return t.tolist()
 
+    def gather_rows(self, local: Tensor, n: int) -> Tensor:
+        """The (n, ...) tensor whose rows rank::world each rank holds as `local` (`shard`'s inverse)."""
+        if not self.active:
+            return local
+        per = -(-n // self.world)
+        padded = local.new_zeros((per, *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        out = local.new_empty((n, *local.shape[1:]))
+        for r, part in enumerate(parts):
+            out[r::self.world] = part[: len(range(r, n, self.world))]
+        return out
+
     def broadcast_module(self, module: nn.Module) -> None:
         """Rank 0's parameters and buffers on every rank (each rank built them the same way; this makes it exact)."""
         if not self.active:
@@ -124,6 +141,20 @@ def local_device(device: torch.device, group: Group) -> torch.device:
 def threads_per_process(group: Group) -> int:
     """The node's cores shared out among its processes."""
     return max(1, (os.cpu_count() or 1) // max(1, group.local_world))
+
+
+def share_embeddings(cache: EmbeddingCache, frozen: FrozenTransformer, texts: list[str], group: Group,
+                     device: torch.device, progress: bool = False) -> None:
+    """Embed `texts` once for the whole group, each rank its share (`shard`), into every rank's `cache`; rank 0
+    alone writes the file. Nothing to do when rank 0 has them cached already (a rank that cannot read rank 0's
+    cache directory, on another node, then embeds them itself)."""
+    cached = group.broadcast_object(cache.load(frozen, texts) is not None if group.is_main else None)
+    if cached or not group.active:
+        return
+    local = frozen.embed(group.shard(texts), progress and group.is_main)
+    E = group.gather_rows(local.to(device), len(texts)).cpu()
+    cache.store(frozen, texts, E, write=group.is_main)
+    group.barrier()
 
 
 @torch.no_grad()

@@ -106,15 +106,16 @@ def train_ranker(
     progress: bool = False,
     seed: int = 0,
     deep_keep: float = 1.0,
+    deep_from: int = SHALLOW_DEPTH,
 ) -> SparseRanker:
     """Per label: the training points whose shortlist holds it (hard negatives) plus its positives, one
     squared-hinge SVM (trainer/svm_solver.py); weights below `threshold` in magnitude pruned. With `deep_keep`
-    below 1 the negatives at rank SHALLOW_DEPTH or deeper are sampled at that rate and weighted up
+    below 1 the negatives at rank `deep_from` or deeper are sampled at that rate and weighted up
     (`sample_deep_negatives`): the fit's cost falls with the pairs it trains on, the loss stays unbiased."""
     L = Y.shape[1]
     Y = Y.tocsr()
-    if deep_keep < 1.0 and shortlist_ids.shape[1] > SHALLOW_DEPTH:
-        ids, weights = sample_deep_negatives(Y, shortlist_ids, SHALLOW_DEPTH, deep_keep, seed)
+    if deep_keep < 1.0 and shortlist_ids.shape[1] > deep_from:
+        ids, weights = sample_deep_negatives(Y, shortlist_ids, deep_from, deep_keep, seed)
         cand, cand_weight = weighted_candidates(Y, ids, weights)
     else:
         cand, cand_weight = candidates(Y, shortlist_ids), None

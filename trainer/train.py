@@ -364,6 +364,10 @@ class Trainer:
 
         # The tf-idf encoders read the features load_data computed; the others tokenise or embed the texts.
         t0 = time.perf_counter()
+        enc = model.encoder
+        if isinstance(enc, FrozenBase) and enc.cache is not None and self.group.active and data.train.texts:
+            distributed.share_embeddings(enc.cache, enc.frozen, list(data.train.texts), self.group, self.device,
+                                         self.progress)
         inputs = encoder_inputs(model.encoder, data.X_train, data.train)
         self.timings["encoder_inputs_s"] = time.perf_counter() - t0
         if not resume and cfg.train.init == "centroid":
@@ -565,7 +569,8 @@ class Trainer:
         n_jobs = max(1, t.threads or torch.get_num_threads())
         floor = min(t.reranker_thresholds)  # fitted once, keeping every weight any threshold could keep
         ranker = train_ranker(data.X_train, data.Y_train, ids, t.reranker_c, floor, n_jobs=n_jobs,
-                              progress=self.progress, seed=t.seed, deep_keep=t.reranker_deep_keep)
+                              progress=self.progress, seed=t.seed, deep_keep=t.reranker_deep_keep,
+                              deep_from=t.reranker_deep_from)
         seconds["fit"] = time.perf_counter() - t0 - seconds["shortlists"]
         threshold = max(t.reranker_thresholds)
         if data.dev is not None:
@@ -583,7 +588,8 @@ class Trainer:
                 ranker = train_ranker(sp.vstack([data.X_train, X_dev], format="csr"),
                                       sp.vstack([data.Y_train, data.dev.known_labels()], format="csr"),
                                       np.concatenate([ids, dev_ids]), t.reranker_c, floor, n_jobs=n_jobs,
-                                      progress=self.progress, seed=t.seed, deep_keep=t.reranker_deep_keep)
+                                      progress=self.progress, seed=t.seed, deep_keep=t.reranker_deep_keep,
+                                      deep_from=t.reranker_deep_from)
             ranker.fusion_weight = weight
         ranker = ranker.pruned(threshold)
         ranker.depth = depth
