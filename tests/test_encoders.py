@@ -141,6 +141,22 @@ def test_transformer_runs_bf16_where_native_unless_told_and_agrees_with_fp32(tin
     torch.testing.assert_close(enc.encode(TEXTS), fp32, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_a_large_batch_without_gradients_runs_in_chunks_with_the_same_embeddings(tiny_bert, pooling):
+    enc = TransformerEncoder(tiny_bert, pooling=pooling, max_length=32)
+    enc.bf16 = False
+    enc.eval()
+    texts = [t + " extra words" * (i % 3) for i, t in enumerate(TEXTS * 40)]  # 160 texts: 3 chunks of 64 or fewer
+    batch = enc.prepare(texts).batch(np.arange(len(texts)), torch.device("cpu"))
+    whole = enc(batch).detach()  # gradients on: one forward over the whole batch
+    calls: list[int] = []
+    enc.model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    with torch.no_grad():
+        chunked = enc(batch)
+    assert calls == [64, 64, 32]
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-4)
+
+
 def test_transformer_rejects_an_unknown_pooling_and_a_non_model_dir(tiny_bert, tmp_path):
     with pytest.raises(EncoderError, match="pooling"):
         TransformerEncoder(tiny_bert, pooling="max")
