@@ -8,17 +8,19 @@
 The server runs in a child process (`--role server`) on an ephemeral loopback port; the client process
 sends embedding queries. One client: p50/p99 latency of sequential Search calls against in-process
 `Searcher.search_embeddings` on the same index (timed in alternating blocks), and the round trip of an empty
-GetIndexInfo call: what any call costs in this gRPC stack, the floor under the overhead. The server child
-also times its own searches and, after the run, the same queries in a loop on its main thread: the in-process
-reference with the server's memory, threads and cores. On a small machine the client shares, the client
-process's own in-process figure moves with what else runs (a 2-thread search whose second thread is
-descheduled waits at every parallel region), so the loop inside the server is the fair one. A loop runs its
-searches back to back, with their data hot in the caches; a round trip leaves ~1.5 ms between two searches, so
-the server child also times the loop with that much busy waiting before each search. `--pin` puts the
-server and the client on separate cores. Many clients (1, 8,
-32, 64 by default): a closed loop of N outstanding calls (asynchronous futures on one channel) for a fixed
-time, against a server with and without dynamic batching: queries/s, p50/p99, failed calls and the server's
-resident memory before and after.
+GetIndexInfo call: what any call costs in this gRPC stack, the floor under the overhead; and a bare echo method
+on raw bytes (no protobuf, no work) that takes and returns as many bytes as a Search: the floor for those bytes.
+The server child also times its own searches and its Search handler around them (and the handler's parsing and
+checks and its response's bytes), and, after the run, the same queries in a loop on its main thread (and the
+handler's own work on them, back to back): the in-process reference with the server's memory, threads and cores.
+On a small machine the client shares, the client process's own in-process figure moves with what else runs (a
+2-thread search whose second thread is descheduled waits at every parallel region), so the loop inside the
+server is the fair one. A loop runs its searches back to back, with their data hot in the caches; a round trip
+leaves ~1.5 ms between two searches, so the server child also times the loop with that much busy waiting before
+each search. `--pin` puts the server and the client on separate cores. Many clients (1, 8, 32, 64 by default):
+a closed loop of N outstanding calls (asynchronous futures on one channel) for a fixed time, against a server
+with and without dynamic batching: queries/s, p50/p99, failed calls and the server's resident memory before and
+after.
 
 --quality serves a built index with a real `elias serve` child instead, sends the dataset's test texts in
 SearchBatch calls and checks that R@100 (and each query's top-k ids) over gRPC equal `Searcher.search_texts` in
@@ -32,6 +34,7 @@ import gc
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import threading
@@ -85,40 +88,93 @@ def build_searcher(args: argparse.Namespace):
     return Searcher(raw, None, None, info, device="cpu")
 
 
+ECHO_METHOD = "/bench.Echo/Echo"
+
+
+def echo_handler() -> grpc.GenericRpcHandler:
+    """A bare unary method on raw bytes: the request's first 4 bytes say how many bytes to answer. With a Search's
+    request and response sizes, it is the framework's floor for those bytes (an empty call carries none)."""
+    def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return bytes(struct.unpack_from("<I", request)[0])
+
+    handler = grpc.unary_unary_rpc_method_handler(echo)
+    return grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler})
+
+
 def run_server(args: argparse.Namespace) -> None:
     import torch
 
-    from elias_retrieval.server import ServerConfig, start_server
+    from elias_retrieval.server import (
+        ResponseEncoder,
+        SearcherServicer,
+        SearchServer,
+        ServerConfig,
+        params_from_proto,
+        query_from_proto,
+    )
 
     torch.set_num_threads(args.threads)
     searcher = build_searcher(args)
-    # The searches of the one-client phase (its warm-up included), timed inside the server: each Search call
-    # makes one `search_checked` call. Reported on exit.
+    # The one-client phase (its warm-up included), timed inside the server: each Search call makes one
+    # `search_checked` call; the whole Search handler around it; and two parts of the handler's own work:
+    # before the search (parsing, checks) and the response's bytes. Reported on exit.
+    keep = args.queries + 50
     times: list[float] = []
-    search_checked = searcher.search_checked
+    handler: list[tuple[float, float, float]] = []  # (whole handler, before the search, the response's bytes)
+    marks: dict[str, float] = {}
+    search_checked, handle = searcher.search_checked, SearcherServicer.Search
+    encode = ResponseEncoder.search_response
 
     def timed(*a: Any, **kw: Any) -> Any:
-        t0 = time.perf_counter()
+        marks["search"] = t0 = time.perf_counter()
         try:
             return search_checked(*a, **kw)
         finally:
-            if len(times) < args.queries + 50:
+            if len(times) < keep:
                 times.append(time.perf_counter() - t0)
 
+    def timed_encode(self: Any, *a: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return encode(self, *a)
+        finally:
+            marks["encode"] = time.perf_counter() - t0
+
+    def timed_handler(self: Any, request: Any, context: Any) -> Any:
+        marks.clear()
+        t0 = time.perf_counter()
+        try:
+            return handle(self, request, context)
+        finally:
+            if len(handler) < keep and "encode" in marks:
+                handler.append((time.perf_counter() - t0, marks["search"] - t0, marks["encode"]))
+
     searcher.search_checked = timed  # type: ignore[method-assign]
+    SearcherServicer.Search = timed_handler  # type: ignore[method-assign]
+    ResponseEncoder.search_response = timed_encode  # type: ignore[method-assign]
     cfg = ServerConfig(port=0, batching=args.batching, max_batch=args.max_batch, max_wait_us=args.max_wait_us,
                        max_concurrent_rpcs=256)
-    server = start_server(searcher, cfg)
+    server = SearchServer(cfg)
+    server.server.add_generic_rpc_handlers((echo_handler(),))
+    server.start()
+    server.attach(searcher)
     print("PORT", server.port, flush=True)
     sys.stdin.read()  # until the parent closes our stdin
     server.stop(1)
-    print("SEARCH_S", json.dumps(times[50:]), flush=True)
-    # The same queries in this process, back to back on its main thread: the in-process reference with this
-    # process's memory, threads and cores, and no gRPC work between the searches.
-    from elias_retrieval.synthetic import synthetic_queries
-
     searcher.search_checked = search_checked  # type: ignore[method-assign]
+    ResponseEncoder.search_response = encode  # type: ignore[method-assign]
+    print("SEARCH_S", json.dumps(times[50:]), flush=True)
+    for i, key in enumerate(("HANDLER_S", "BEFORE_S", "ENCODE_S")):
+        print(key, json.dumps([h[i] for h in handler[50:]]), flush=True)
+    # The same queries in this process, back to back on its main thread: the in-process reference with this
+    # process's memory, threads and cores, and no gRPC work between the searches; and the handler's own work
+    # on the same requests and results, back to back.
+    from elias_retrieval.proto.elias.v1 import searcher_pb2 as pb
+    from elias_retrieval.synthetic import synthetic_queries
+    from elias_retrieval.wire import HitHeads
+
     embs = synthetic_queries(searcher.tensors, args.queries + 50, seed=2)[0].numpy()
+    encoder = ResponseEncoder(HitHeads(searcher.labels, searcher.info.num_labels))
     for key, gap in (("LOOP_S", 0.0), ("GAP_S", GAP_S)):
         loop = []
         for i, e in enumerate(embs):
@@ -130,6 +186,20 @@ def run_server(args: argparse.Namespace) -> None:
             if i >= 50:
                 loop.append(time.perf_counter() - t0)
         print(key, json.dumps(loop), flush=True)
+    reqs = [pb.SearchRequest(query=pb.Query(embedding=pb.DenseEmbedding(values=e.tolist()))) for e in embs]
+    results = [searcher.search_checked([searcher.check_query(query_from_proto(r.query))],
+                                       params_from_proto(searcher, r.params)) for r in reqs]
+    before, encoded = [], []
+    for r, res in zip(reqs, results, strict=True):
+        t0 = time.perf_counter()
+        searcher.check_query(query_from_proto(r.query))
+        params_from_proto(searcher, r.params)
+        t1 = time.perf_counter()
+        encoder.search_response(res, searcher.index_version)
+        encoded.append(time.perf_counter() - t1)
+        before.append(t1 - t0)
+    print("LOOP_BEFORE_S", json.dumps(before[50:]), flush=True)
+    print("LOOP_ENCODE_S", json.dumps(encoded[50:]), flush=True)
 
 
 def await_port(proc: subprocess.Popen, lines: Iterable[str], pattern: str) -> str:
@@ -207,6 +277,10 @@ def spawn_elias_serve(index_dir: Path, threads: int, max_message_mb: int, load_t
     return proc, address
 
 
+# What a `--role server` child reports on exit (stop_server).
+KEYS = ("SEARCH_S", "HANDLER_S", "BEFORE_S", "ENCODE_S", "LOOP_S", "GAP_S", "LOOP_BEFORE_S", "LOOP_ENCODE_S")
+
+
 def stop_server(proc: subprocess.Popen) -> dict[str, list[float]]:
     """Stop a server child: `--role server` exits when its stdin closes, `elias serve` on SIGTERM (graceful).
 
@@ -221,7 +295,7 @@ def stop_server(proc: subprocess.Popen) -> dict[str, list[float]]:
     out = proc.stdout.read() if proc.stdout is not None else ""
     proc.wait(60)
     return {key: json.loads(line.removeprefix(key + " ")) for line in out.splitlines()
-            for key in ("SEARCH_S", "LOOP_S", "GAP_S") if line.startswith(key + " ")}
+            for key in KEYS if line.startswith(key + " ")}
 
 
 def one_client(address: str, embs: np.ndarray, searcher=None, rounds: int = 4, local_cpus: set[int] | None = None,
@@ -234,14 +308,19 @@ def one_client(address: str, embs: np.ndarray, searcher=None, rounds: int = 4, l
     from elias_retrieval.proto.elias.v1 import searcher_pb2 as pb
     from elias_retrieval.proto.elias.v1 import searcher_pb2_grpc as pb_grpc
 
-    out: dict[str, list[float]] = {"grpc": [], "empty": [], "local": []}
+    out: dict[str, list[float]] = {"grpc": [], "empty": [], "echo": [], "local": []}
     with grpc.insecure_channel(address) as ch:
         stub = pb_grpc.SearcherStub(ch)
         reqs = [pb.SearchRequest(query=pb.Query(embedding=pb.DenseEmbedding(values=e.tolist()))) for e in embs]
         info = pb.GetIndexInfoRequest()
-        for r in reqs[:50]:
+        search_bytes = ch.unary_unary("/elias.v1.Searcher/Search")  # raw bytes: the response's size
+        answer = len(search_bytes(reqs[0].SerializeToString(), timeout=10))
+        echo = ch.unary_unary(ECHO_METHOD)
+        payloads = [struct.pack("<I", answer) + bytes(max(0, r.ByteSize() - 4)) for r in reqs]
+        for r, b in zip(reqs[:50], payloads, strict=False):
             stub.Search(r, timeout=10)
             stub.GetIndexInfo(info, timeout=10)
+            echo(b, timeout=10)
         timed = reqs[50:]
         step = -(-len(timed) // rounds)
         for a in range(0, len(timed), step):
@@ -254,13 +333,17 @@ def one_client(address: str, embs: np.ndarray, searcher=None, rounds: int = 4, l
                     out["local"].append(time.perf_counter() - t0)
                 if grpc_cpus:
                     os.sched_setaffinity(0, grpc_cpus)
-            for r in timed[a : a + step]:
+            for r, b in zip(timed[a : a + step], payloads[50 + a : 50 + a + step], strict=True):
                 t0 = time.perf_counter()
                 stub.Search(r, timeout=10)
                 t1 = time.perf_counter()
                 stub.GetIndexInfo(info, timeout=10)
+                t2 = time.perf_counter()
+                echo(b, timeout=10)
                 out["grpc"].append(t1 - t0)
-                out["empty"].append(time.perf_counter() - t1)
+                out["empty"].append(t2 - t1)
+                out["echo"].append(time.perf_counter() - t2)
+    out["sizes"] = [float(reqs[0].ByteSize()), float(answer)]
     return out
 
 
@@ -476,8 +559,7 @@ def main() -> None:
         searcher.search_embeddings(e[None])
 
     runs: dict[tuple[bool, int], dict[str, float]] = {}
-    inside: list[float] = []
-    loop: list[float] = []
+    reported: dict[str, list[float]] = {}
     for batching in (True, False):
         proc, address = spawn_server(args, batching=batching)
         try:
@@ -486,7 +568,9 @@ def main() -> None:
                 one = one_client(address, embs, searcher, local_cpus=server_cpus(args), grpc_cpus=client_cpus(args))
                 del searcher
                 gc.collect()
-                (ip50, ip99), (g50, g99), (e50, e99) = (percentiles(one[x]) for x in ("local", "grpc", "empty"))
+                (ip50, ip99), (g50, g99), (e50, e99), (o50, o99) = (
+                    percentiles(one[x]) for x in ("local", "grpc", "empty", "echo"))
+                request_bytes, response_bytes = (int(x) for x in one["sizes"])
                 print(f"one client: in-process p50 {ip50:.3f} ms, gRPC Search p50 {g50:.3f} ms (overhead "
                       f"{g50 - ip50:+.3f} ms), empty GetIndexInfo call p50 {e50:.3f} ms", flush=True)
             for n in args.client_counts:
@@ -498,12 +582,11 @@ def main() -> None:
         finally:
             timed = stop_server(proc)
         if batching:
-            inside, loop, gapped = (timed.get(k, []) for k in ("SEARCH_S", "LOOP_S", "GAP_S"))
-    if not inside or not loop or not gapped:
+            reported = {k: timed.get(k, []) for k in KEYS}
+    if not all(reported.values()):
         raise SystemExit("the server child reported no timed searches")
-    s50, s99 = percentiles(inside)
-    l50, l99 = percentiles(loop)
-    p50_gap, p99_gap = percentiles(gapped)
+    (s50, s99), (h50, h99), (b50, _), (c50, _), (l50, l99), (p50_gap, p99_gap), (lb50, _), (lc50, _) = (
+        percentiles(reported[k]) for k in KEYS)
     print(f"one client: the same searches timed inside the server p50 {s50:.3f} ms; in a loop in the server "
           f"process p50 {l50:.3f} ms", flush=True)
     n_ratio = args.clients if args.clients in args.client_counts else args.client_counts[-1]
@@ -538,6 +621,18 @@ def main() -> None:
         f"| gRPC `Search` less the floor and that loop with the wait (p50s) | {g50 - e50 - p50_gap:+.3f} | | |",
         f"| gRPC `Search` less the search inside the server and the floor (p50s): request handling and the "
         f"response | {g50 - s50 - e50:+.3f} | | |",
+        f"| the Search handler inside the server (parsing, checks, the search, the response's bytes) | {h50:.3f} | "
+        f"{h99:.3f} | |",
+        f"| of which not the search (p50s): the handler's own work | {h50 - s50:+.3f} | | |",
+        f"| of that, before the search (parsing, checks): in the server / the same work in a loop afterwards "
+        f"(p50s) | {b50:.3f} / {lb50:.3f} | | |",
+        f"| of that, the response's bytes: in the server / the same work in a loop afterwards (p50s) | "
+        f"{c50:.3f} / {lc50:.3f} | | |",
+        f"| a bare echo call on raw bytes, as large as a Search's ({request_bytes:,} bytes in, {response_bytes:,} "
+        f"out), one client | {o50:.3f} | {o99:.3f} | |",
+        f"| of which the bytes (p50s, echo less the empty call) | {o50 - e50:+.3f} | | |",
+        f"| gRPC `Search` less the echo and the handler (p50s): what the framework does besides | "
+        f"{g50 - o50 - h50:+.3f} | | |",
         f"| throughput ratio at {n_ratio} clients, batching / no batching | | | {ratio:.2f}x |",
         "",
         "| clients | dynamic batching | queries/s | p50 (ms) | p99 (ms) | errors | server RSS before -> after (MiB) |",

@@ -124,11 +124,11 @@ class TrainConfig:
     # dev: 300 when more than 5% of the dev positives in ELIAS's top 300 rank below 100, else 100
     # (trainer/reranker.choose_depth; 100 without a dev split).
     reranker_depth: int = 0
-    # With a window deeper than 100, each negative the ranker trains on below rank 100 is kept at this rate and its
-    # loss weighted by the inverse (1 = every one): the fit costs in proportion to its pairs, and the deep negatives
-    # are the many easy ones.
+    # Each negative the ranker trains on at rank `reranker_deep_from` or deeper is kept at this rate and its loss
+    # weighted by the inverse (1 = every one): the fit costs in proportion to its pairs, and the deep negatives are
+    # the many easy ones. Rank 50 leaves the top 50, where P@k is decided, whole, and applies at depth 100 as at 300.
     reranker_deep_keep: float = 0.5
-    reranker_deep_from: int = 100  # the rank from which the negatives are the sampled deep ones
+    reranker_deep_from: int = 50
     # Ranker weights below the threshold's magnitude are pruned: the dev split picks one of these thresholds
     # together with the fusion weight (without a dev split: the largest, the smallest ranker).
     reranker_thresholds: list[float] = field(default_factory=lambda: [0.05, 0.1])

@@ -90,7 +90,7 @@ class Encoded:
 
 class HitHeads:
     """Every label's hit up to its score (`_head`), one buffer for the whole index: label j's is
-    `data[start[j]:start[j + 1]]`. Made once per served index (about a second per million labels, and about
+    `data[start[j]:start[j + 1]]`. Made once per served index (1-2 s per million labels, and about
     the labels' strings' size in memory), so that no response pays for its labels' fields."""
 
     def __init__(self, labels: LabelStrings, num_labels: int):

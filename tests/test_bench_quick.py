@@ -69,6 +69,11 @@ SYNTHETIC = [
         r"^\| search inside the server / that loop \(p50s\) \| \d+\.\d{2}x \| \| \|$",
         r"^\| gRPC `Search` less the floor and that loop \(p50s\) \| [+-]\d+\.\d{3} \| \| \|$",
         r"^\| search inside the server / that loop with the wait \(p50s\) \| \d+\.\d{2}x \| \| \|$",
+        # the handler timed inside the server, and the bare echo of a Search's bytes
+        r"^\| the Search handler inside the server .* \| \d+\.\d{3} \| \d+\.\d{3} \| \|$",
+        r"^\| a bare echo call on raw bytes, as large as a Search's \([\d,]+ bytes in, [\d,]+ out\), one client"
+        r" \| \d+\.\d{3} \| \d+\.\d{3} \| \|$",
+        r"^\| gRPC `Search` less the echo and the handler \(p50s\).* \| [+-]\d+\.\d{3} \| \| \|$",
     ]),
     ("index_load.py", "## Index size and load time", [r"^\| fp16 \| cold \| \d+\.\d{4} \| \d+\.\d{3} \| "]),
     ("text_latency.py", "## Text queries over gRPC, by encoder", [
