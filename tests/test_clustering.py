@@ -32,3 +32,21 @@ def test_balanced_clusters_separate_two_obvious_groups():
     dense[10:, 5:] = rng.random((10, 5)) + 0.1
     clusters = balanced_clusters(sp.csr_matrix(dense), 2, seed=3)
     assert {frozenset(c.tolist()) for c in clusters} == {frozenset(range(10)), frozenset(range(10, 20))}
+
+
+def test_joint_features_weigh_the_embedding_and_pifa_halves_alike():
+    from trainer.clustering import joint_features
+
+    rng = np.random.default_rng(0)
+    phi = rng.normal(size=(5, 4)).astype(np.float32) * np.array([[1], [3], [0.5], [10], [0]], dtype=np.float32)
+    dense = rng.random((5, 7)).astype(np.float32) * (rng.random((5, 7)) < 0.5)
+    dense[:, 0] += 0.1  # every label has a PIFA row
+    Z = sp.csr_matrix(dense / np.linalg.norm(dense, axis=1, keepdims=True))
+    J = joint_features(phi, Z).toarray()
+    assert J.shape == (5, 11)
+    for i in range(4):  # a label with both halves: unit rows, each half of norm 1/sqrt(2), directions kept
+        np.testing.assert_allclose(np.linalg.norm(J[i, :4]), 2 ** -0.5, rtol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(J[i, 4:]), 2 ** -0.5, rtol=1e-5)
+        np.testing.assert_allclose(J[i, :4] * 2 ** 0.5, phi[i] / np.linalg.norm(phi[i]), rtol=1e-5)
+    np.testing.assert_allclose(J[4, :4], 0.0)  # no embedding centroid: the PIFA half alone, unit length
+    np.testing.assert_allclose(J[4, 4:], Z[4].toarray().ravel(), rtol=1e-5)

@@ -424,3 +424,38 @@ def test_embedding_dropout_by_passes_over_the_data():
     assert embed_dropout(auto, 4) == 0.0 and embed_dropout(auto, auto.dropout_epochs) == 0.0
     assert embed_dropout(auto, auto.dropout_epochs + 1) == 0.5  # a small dataset, seen many times
     assert embed_dropout(ModelConfig(embed_dropout=0.3), 50) == 0.3  # an explicit value is kept
+
+
+# ---- 6. re-clustering in stage 1 ----------------------------------------------------------------
+
+def test_stage1_clusters_the_labels_again_and_a_resume_after_it_ends_the_same(bibtex, tmp_path, monkeypatch):
+    cfg = [*TINY, "train.recluster_epoch=1", "train.stage2_epochs=1"]
+    partitions: list[list[np.ndarray]] = []
+    original = EliasModel.set_partition
+
+    def record(self, clusters):
+        partitions.append([np.sort(np.asarray(c)) for c in clusters])
+        return original(self, clusters)
+
+    with monkeypatch.context() as m:
+        m.setattr(EliasModel, "set_partition", record)
+        run_training(bibtex, tmp_path / "ref", EliasConfig().with_overrides(cfg), progress=False)
+    assert len(partitions) == 2  # stage 0, then after stage-1 epoch 1
+    L = 159
+    for p in partitions:
+        members = np.concatenate(p)
+        assert len(members) == L and len(np.unique(members)) == L  # each label in exactly one cluster
+        assert max(map(len, p)) - min(map(len, p)) <= 1  # balanced
+    assert any(not np.array_equal(a, b) for a, b in zip(*partitions, strict=True)), "the clusters did not change"
+    meta = json.loads((tmp_path / "ref" / "model.json").read_text())
+    assert meta["timings"]["recluster_s"] > 0
+
+    # Interrupted in the epoch after the re-clustering and resumed: the same tensors as the run straight through
+    # (the checkpoint holds the new partition and W_C's fresh optimiser state).
+    out = tmp_path / "resumed"
+    with monkeypatch.context() as m:
+        _interrupt_loss_at(m, 1, TINY_STEPS_PER_EPOCH + 3)
+        with pytest.raises(KeyboardInterrupt):
+            run_training(bibtex, out, EliasConfig().with_overrides(cfg), progress=False)
+    _cli_ok("train", bibtex, out, "--resume", "--quiet")
+    _assert_same_tensors(tmp_path / "ref", out)

@@ -15,6 +15,13 @@ def pifa(X: sp.csr_matrix, Y: sp.csr_matrix) -> sp.csr_matrix:
     return normalize(Z, norm="l2", axis=1, copy=False)
 
 
+def joint_features(embedding_centroids: np.ndarray, Z_tfidf: sp.csr_matrix) -> sp.csr_matrix:
+    """[normalize(mean phi) | normalize(PIFA)] / sqrt(2): both halves count alike and the rows are unit length
+    (ELIAS.md, stage 0's re-clustering variant). A label without positives keeps zero rows."""
+    phi = normalize(np.asarray(embedding_centroids, dtype=np.float32), norm="l2", axis=1)
+    return normalize(sp.hstack([sp.csr_matrix(phi), Z_tfidf.astype(np.float32)], format="csr"), norm="l2", axis=1)
+
+
 def _bisect(Z: sp.csr_matrix, rng: np.random.Generator, iters: int) -> np.ndarray:
     """Balanced spherical 2-means of the rows of Z: a boolean mask of the first half (ceil(n/2) rows)."""
     n = Z.shape[0]

@@ -49,9 +49,16 @@ def centroid_init(model: EliasModel, centroids: torch.Tensor, partition: list[np
     unit = centroids / norms.clamp(min=1e-12)
     model.W_L[has] = scale * unit[has].to(model.W_L.dtype)
     model.b_L[has] = label_bias
+    cluster_init(model, centroids, partition, scale)
+    return int(has.sum())
+
+
+@torch.no_grad()
+def cluster_init(model: EliasModel, centroids: torch.Tensor, partition: list[np.ndarray], scale: float) -> None:
+    """W_C[c] = scale * normalize(sum of the normalised centroids of cluster c's labels), b_C = 0."""
+    unit = F.normalize(centroids, dim=1)
     for c, members in enumerate(partition):
         centre = unit[torch.as_tensor(members, dtype=torch.long, device=unit.device)].sum(0)
         if centre.norm() > 0:
             model.W_C[c] = scale * F.normalize(centre, dim=0).to(model.W_C.dtype)
     model.b_C.zero_()
-    return int(has.sum())

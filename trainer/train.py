@@ -36,9 +36,9 @@ from elias_retrieval.modeldir import TrainedModel, load_model_dir, save_model_di
 from elias_retrieval.precision import PrecisionError, matmul_dtype
 from elias_retrieval.search import cluster_scores
 from trainer import checkpoint, distributed
-from trainer.clustering import balanced_clusters, pifa
+from trainer.clustering import balanced_clusters, joint_features, pifa
 from trainer.graph_init import cluster_affinity, init_graph
-from trainer.label_init import centroid_init, label_centroids
+from trainer.label_init import centroid_init, cluster_init, label_centroids
 from trainer.optim import RowAdam
 from trainer.reranker import DEEP_DEPTH, SHALLOW_DEPTH, choose_depth, choose_pruning, train_ranker
 
@@ -507,6 +507,8 @@ class Trainer:
                                   and (epoch + 1) * steps_per_epoch >= min_steps)
             if stopped and not last:
                 _log(f"stage {stage}: dev {t.select_metric} has not improved; the stage ends here", self.progress)
+            if stage == 1 and epoch + 1 == t.recluster_epoch and not (stopped or last):
+                self._recluster(model, data, inputs, opts["dense"])
             progress = {"stage": stage, "epoch": epochs if stopped else epoch + 1, "best_metric": best_metric,
                         "stale": stale, "history": self.history, "timings": self.timings}
             if self.group.is_main:
@@ -516,6 +518,24 @@ class Trainer:
                 break
         progress_state["epoch"] = epochs
         progress_state["best_metric"] = best_metric
+
+    def _recluster(self, model: EliasModel, data: TrainData, inputs: EncoderInputs,
+                   dense: torch.optim.Optimizer) -> None:
+        """Cluster the labels again on [mean embedding | PIFA] with the model trained so far; W_C, b_C start over
+        at the new clusters (their optimiser state too), W_L and the encoder keep what they learned."""
+        t0 = time.perf_counter()
+        t = self.cfg.train
+        centroids, _ = label_centroids(model, inputs, data.Y_train, t.eval_batch_size, self.device)
+        Z = joint_features(centroids.cpu().numpy(), pifa(data.X_train, data.Y_train))
+        partition = balanced_clusters(Z, model.num_clusters, seed=t.seed + 1, progress=self.progress)
+        model.set_partition(partition)
+        cluster_init(model, centroids, partition, float(model.W_C.detach().norm(dim=1).mean()))
+        for p in (model.W_C, model.b_C):
+            dense.state.pop(p, None)
+        self.group.broadcast_module(model)
+        self.timings["recluster_s"] = time.perf_counter() - t0
+        _log(f"labels clustered again on the embeddings and PIFA ({self.timings['recluster_s']:.1f} s)",
+             self.progress)
 
     def _evaluate_dev(self, model: EliasModel, data: TrainData) -> dict[str, float]:
         """The model's dev metrics (P@1, P@5, nDCG@5, R@10, R@100) at the search defaults; leaves it in eval mode.
