@@ -54,9 +54,10 @@ def centroid_init(model: EliasModel, centroids: torch.Tensor, partition: list[np
 
 
 @torch.no_grad()
-def cluster_init(model: EliasModel, centroids: torch.Tensor, partition: list[np.ndarray], scale: float) -> None:
-    """W_C[c] = scale * normalize(sum of the normalised centroids of cluster c's labels), b_C = 0."""
-    unit = F.normalize(centroids, dim=1)
+def cluster_init(model: EliasModel, label_rows: torch.Tensor, partition: list[np.ndarray], scale: float) -> None:
+    """W_C[c] = scale * normalize(sum of the normalised `label_rows` of cluster c's labels: their centroids, or
+    their trained W_L rows), b_C = 0."""
+    unit = F.normalize(label_rows, dim=1)
     for c, members in enumerate(partition):
         centre = unit[torch.as_tensor(members, dtype=torch.long, device=unit.device)].sum(0)
         if centre.norm() > 0:

@@ -522,14 +522,17 @@ class Trainer:
     def _recluster(self, model: EliasModel, data: TrainData, inputs: EncoderInputs,
                    dense: torch.optim.Optimizer) -> None:
         """Cluster the labels again on [mean embedding | PIFA] with the model trained so far; W_C, b_C start over
-        at the new clusters (their optimiser state too), W_L and the encoder keep what they learned."""
+        at the new clusters (their optimiser state too), W_L and the encoder keep what they learned.
+
+        A cluster's row starts as the normalised sum of its labels' (normalised) trained W_L rows, as centroid_init
+        starts it from the labels' first rows."""
         t0 = time.perf_counter()
         t = self.cfg.train
         centroids, _ = label_centroids(model, inputs, data.Y_train, t.eval_batch_size, self.device)
         Z = joint_features(centroids.cpu().numpy(), pifa(data.X_train, data.Y_train))
         partition = balanced_clusters(Z, model.num_clusters, seed=t.seed + 1, progress=self.progress)
         model.set_partition(partition)
-        cluster_init(model, centroids, partition, float(model.W_C.detach().norm(dim=1).mean()))
+        cluster_init(model, model.W_L.detach().float(), partition, float(model.W_C.detach().norm(dim=1).mean()))
         for p in (model.W_C, model.b_C):
             dense.state.pop(p, None)
         self.group.broadcast_module(model)
