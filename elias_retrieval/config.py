@@ -224,6 +224,8 @@ class EliasConfig:
         if key == "reranker_depth" and value != 0 and value < 100:
             raise ConfigError(f"{section}.{key} must be 0 (chosen on dev) or at least 100 (the answer is the "
                               f"re-ordered list's top 100), got {value!r}")
+        if key == "recluster_epoch" and value < 0:
+            raise ConfigError(f"{section}.{key} must be 0 (never) or a stage-1 epoch, got {value!r}")
         if key == "reranker_deep_from" and value < 1:
             raise ConfigError(f"{section}.{key} must be at least 1, got {value!r}")
         if key == "reranker_deep_keep" and not 0.0 < value <= 1.0:

@@ -50,3 +50,13 @@ def test_joint_features_weigh_the_embedding_and_pifa_halves_alike():
         np.testing.assert_allclose(J[i, :4] * 2 ** 0.5, phi[i] / np.linalg.norm(phi[i]), rtol=1e-5)
     np.testing.assert_allclose(J[4, :4], 0.0)  # no embedding centroid: the PIFA half alone, unit length
     np.testing.assert_allclose(J[4, 4:], Z[4].toarray().ravel(), rtol=1e-5)
+
+
+def test_config_refuses_a_negative_recluster_epoch():
+    import pytest
+
+    from elias_retrieval.config import ConfigError, EliasConfig
+
+    assert EliasConfig().with_overrides(["train.recluster_epoch=2"]).train.recluster_epoch == 2
+    with pytest.raises(ConfigError, match="recluster_epoch must be 0"):
+        EliasConfig().with_overrides(["train.recluster_epoch=-1"])
