@@ -624,8 +624,8 @@ def main() -> None:
         f"| the Search handler inside the server (parsing, checks, the search, the response's bytes) | {h50:.3f} | "
         f"{h99:.3f} | |",
         f"| of which not the search (p50s): the handler's own work | {h50 - s50:+.3f} | | |",
-        f"| of that, before the search (parsing, checks): in the server / the same work in a loop afterwards "
-        f"(p50s) | {b50:.3f} / {lb50:.3f} | | |",
+        f"| of that, before the search: in the server (entry, parsing, checks) / parsing and checks in a loop "
+        f"afterwards (p50s) | {b50:.3f} / {lb50:.3f} | | |",
         f"| of that, the response's bytes: in the server / the same work in a loop afterwards (p50s) | "
         f"{c50:.3f} / {lc50:.3f} | | |",
         f"| a bare echo call on raw bytes, as large as a Search's ({request_bytes:,} bytes in, {response_bytes:,} "

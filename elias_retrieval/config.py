@@ -82,7 +82,7 @@ class TrainConfig:
     # Small datasets get more epochs: each stage runs at least this many optimiser steps.
     stage1_min_steps: int = 1000
     # After this many stage-1 epochs the labels are clustered again, on [mean embedding | PIFA], and W_C starts
-    # over at the new clusters' centroids (ELIAS.md, stage 0's "better variant"); 0 = never.
+    # over from each new cluster's labels' trained W_L rows (ELIAS.md, stage 0's "better variant"); 0 = never.
     recluster_epoch: int = 0
     stage2_min_steps: int = 300
     # A stage ends after this many dev evaluations in a row without a better select_metric, once it has run its
