@@ -31,7 +31,7 @@ VARIANTS = {  # name for --only: (what the row says, the settings)
     "dropout-0.2": ("embedding dropout 0.2", ["model.embed_dropout=0.2"]),
     "random-init": ("random init of W_L, W_C", ["train.init=random"]),
     "fp32": ("fp32 label products", ["train.precision=fp32"]),
-    "recluster": ("labels clustered again after epoch 1, on mean embedding and PIFA", ["train.recluster_epoch=1"]),
+    "no-recluster": ("labels not clustered again in stage 1", ["train.recluster_fraction=0"]),
 }
 
 

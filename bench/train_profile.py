@@ -30,6 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import BENCHMARKS, ROOT, command_line, machine, publish, today  # noqa: E402
 
 import trainer.train as T  # noqa: E402
+
+try:
+    from elias_retrieval import cluster_blocks  # noqa: E402
+except ImportError:  # an older checkout
+    cluster_blocks = None
 from elias_retrieval.config import EliasConfig  # noqa: E402
 from elias_retrieval.encoders import SparseInputs  # noqa: E402
 from elias_retrieval.model import EliasModel  # noqa: E402
@@ -55,8 +60,9 @@ def _step(model, inputs, Y, rows, lam, opts, device, dtype) -> None:
         o.step()
 
 
-def _stage(model, inputs, Y, lam, opts, device, dtype, order, start, warmup, steps, batch_size):
-    """Run warm-up steps, then profile `steps` steps; returns (profiler, seconds per step, page faults per step)."""
+def _stage(model, inputs, Y, lam, opts, device, dtype, order, start, warmup, steps, batch_size, profiled=True):
+    """Run warm-up steps, then time and profile `steps` steps; returns (profiler or None, seconds per step, page
+    faults per step)."""
     def rows(i: int) -> np.ndarray:
         a = ((start + i) * batch_size) % max(1, len(order) - batch_size)
         return order[a: a + batch_size]
@@ -69,6 +75,8 @@ def _stage(model, inputs, Y, lam, opts, device, dtype, order, start, warmup, ste
         _step(model, inputs, Y, rows(i), lam, opts, device, dtype)
     per_step = (time.perf_counter() - t0) / steps
     per_fault = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
+    if not profiled:
+        return None, per_step, per_fault
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         for i in range(warmup + steps, warmup + 2 * steps):
             _step(model, inputs, Y, rows(i), lam, opts, device, dtype)
@@ -135,8 +143,18 @@ def main() -> None:
         opts, _ = T.make_optimizers(model, cfg, stage, total)
         model.train()
         lam = cfg.train.lambda_stage1 if stage == 1 else cfg.train.lambda_stage2
-        results[stage] = _stage(model, inputs, data.Y_train, lam, opts, device, dtype, order,
-                                (stage - 1) * (args.warmup + 2 * args.steps), args.warmup, args.steps, B)
+        first = (stage - 1) * (args.warmup + 2 * args.steps)
+        if stage == 1 and hasattr(cluster_blocks, "_BLOCK_FRACTION"):
+            # The same steps through the dense (B, L) label product, the route before the cluster blocks, timed
+            # between two runs of the default route.
+            results["1, cluster blocks (first)"] = _stage(model, inputs, data.Y_train, lam, opts, device, dtype,
+                                                          order, first, args.warmup, args.steps, B, profiled=False)
+            default_fraction, cluster_blocks._BLOCK_FRACTION = cluster_blocks._BLOCK_FRACTION, 0.0
+            results["1, dense label product"] = _stage(model, inputs, data.Y_train, lam, opts, device, dtype,
+                                                       order, first, args.warmup, args.steps, B)
+            cluster_blocks._BLOCK_FRACTION = default_fraction
+        results[stage] = _stage(model, inputs, data.Y_train, lam, opts, device, dtype, order, first, args.warmup,
+                                args.steps, B)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     bf16 = "bf16" if dtype == torch.bfloat16 else "fp32"
@@ -159,6 +177,8 @@ def main() -> None:
     for stage, (_, per_step, faults) in results.items():
         lines.append(f"| {stage} | {per_step:.3f} | {B / per_step:,.0f} | {faults:,.0f} | {peak:,.0f} |")
     for stage, (prof, _, _) in results.items():
+        if prof is None:
+            continue
         lines += ["", f"Stage {stage}, the {args.top} operators with the most CPU time (per step, profiled steps):",
                   "", "| operator | ms | share | calls | MB allocated |", "| --- | ---: | ---: | ---: | ---: |"]
         lines += _top_ops(prof, args.steps, args.top)

@@ -81,9 +81,11 @@ class TrainConfig:
     stage2_epochs: int = 3
     # Small datasets get more epochs: each stage runs at least this many optimiser steps.
     stage1_min_steps: int = 1000
-    # After this many stage-1 epochs the labels are clustered again, on [mean embedding | PIFA], and W_C starts
-    # over from each new cluster's labels' trained W_L rows (ELIAS.md, stage 0's "better variant"); 0 = never.
-    recluster_epoch: int = 0
+    # After this fraction of stage 1's epochs (rounded to the nearest epoch; only when at least one epoch is left
+    # after it) the labels are clustered again, on [mean embedding | PIFA], and W_C starts over from each new
+    # cluster's labels' trained W_L rows (ELIAS.md, stage 0's "better variant"); 0 = never. A fraction, not an
+    # epoch number: stage 1 runs 4 epochs on TIBKAT and 50 on Bibtex (stage1_min_steps).
+    recluster_fraction: float = 0.5
     stage2_min_steps: int = 300
     # A stage ends after this many dev evaluations in a row without a better select_metric, once it has run its
     # minimum steps (0 = never early).
@@ -198,6 +200,11 @@ class EliasConfig:
     def _set(self, section: str, key: str, value: Any) -> None:
         if (section, key) == ("train", "reranker_threshold"):  # the single threshold of older model directories
             key, value = "reranker_thresholds", [value]
+        if (section, key) == ("train", "recluster_epoch"):  # an epoch number in older model directories
+            if value != 0:
+                raise ConfigError(f"train.recluster_epoch was replaced by train.recluster_fraction (the fraction of "
+                                  f"stage 1's epochs after which the labels are clustered again), got {value!r}")
+            key, value = "recluster_fraction", 0.0
         sec = getattr(self, section, None)
         if sec is None or not dataclasses.is_dataclass(sec):
             raise ConfigError(f"unknown config section {section!r}")
@@ -224,8 +231,8 @@ class EliasConfig:
         if key == "reranker_depth" and value != 0 and value < 100:
             raise ConfigError(f"{section}.{key} must be 0 (chosen on dev) or at least 100 (the answer is the "
                               f"re-ordered list's top 100), got {value!r}")
-        if key == "recluster_epoch" and value < 0:
-            raise ConfigError(f"{section}.{key} must be 0 (never) or a stage-1 epoch, got {value!r}")
+        if key == "recluster_fraction" and not 0.0 <= value < 1.0:
+            raise ConfigError(f"{section}.{key} must be in [0, 1) (0 = never), got {value!r}")
         if key == "reranker_deep_from" and value < 1:
             raise ConfigError(f"{section}.{key} must be at least 1, got {value!r}")
         if key == "reranker_deep_keep" and not 0.0 < value <= 1.0:

@@ -399,6 +399,26 @@ def shortlist(
     `partition`: A's rows are disjoint (stage 1), so every candidate is a distinct label and step 4 is a top-k.
     Gradients flow into `s` and `A_weights` through the returned path scores.
     """
+    clusters, cand_ids, cand_path, pos, valid = shortlist_positions(
+        s, A_ids, A_weights, beam_size, shortlist_size, pad_id, forced_clusters, partition)
+    ids = cand_ids.gather(1, pos)
+    path = cand_path.gather(1, pos) * valid
+    cluster = clusters.gather(1, pos // A_ids.shape[1])
+    return ids, path, cluster, valid
+
+
+def shortlist_positions(
+    s: Tensor,
+    A_ids: Tensor,
+    A_weights: Tensor,
+    beam_size: int,
+    shortlist_size: int,
+    pad_id: int,
+    forced_clusters: Tensor | None = None,
+    partition: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`shortlist` before its gathers: the (B, beam) beam clusters, the (B, beam * kappa) candidate ids and path
+    scores, and the (B, K) positions of the shortlisted candidates with their validity mask."""
     C = s.shape[1]
     select = s.detach()
     width = min(beam_size, C)
@@ -413,11 +433,7 @@ def shortlist(
         valid = top >= 0
     else:
         pos, valid = best_paths(cand_ids, cand_path.detach(), shortlist_size, pad_id)
-    ids = cand_ids.gather(1, pos)
-    path = cand_path.gather(1, pos) * valid
-    kappa = A_ids.shape[1]
-    cluster = clusters.gather(1, pos // kappa)
-    return ids, path, cluster, valid
+    return clusters, cand_ids, cand_path, pos, valid
 
 
 @torch.inference_mode()

@@ -52,11 +52,26 @@ def test_joint_features_weigh_the_embedding_and_pifa_halves_alike():
     np.testing.assert_allclose(J[4, 4:], Z[4].toarray().ravel(), rtol=1e-5)
 
 
-def test_config_refuses_a_negative_recluster_epoch():
+def test_config_checks_the_recluster_fraction_and_reads_the_older_epoch_key():
     import pytest
 
     from elias_retrieval.config import ConfigError, EliasConfig
 
-    assert EliasConfig().with_overrides(["train.recluster_epoch=2"]).train.recluster_epoch == 2
-    with pytest.raises(ConfigError, match="recluster_epoch must be 0"):
-        EliasConfig().with_overrides(["train.recluster_epoch=-1"])
+    assert EliasConfig().with_overrides(["train.recluster_fraction=0.25"]).train.recluster_fraction == 0.25
+    for bad in ("-0.1", "1", "1.5"):
+        with pytest.raises(ConfigError, match=r"recluster_fraction must be in \[0, 1\)"):
+            EliasConfig().with_overrides([f"train.recluster_fraction={bad}"])
+    # A model directory written before the fraction: its "never" is read as a fraction of 0 ...
+    assert EliasConfig.from_dict({"train": {"recluster_epoch": 0}}).train.recluster_fraction == 0.0
+    # ... and an epoch number is refused with the key that replaced it.
+    with pytest.raises(ConfigError, match="replaced by train.recluster_fraction"):
+        EliasConfig().with_overrides(["train.recluster_epoch=2"])
+
+
+def test_the_recluster_epoch_is_a_fraction_of_stage_1_with_an_epoch_left_after_it():
+    from trainer.train import recluster_epoch
+
+    assert [recluster_epoch(0.5, e) for e in (2, 3, 4, 6, 17, 50)] == [1, 2, 2, 3, 9, 25]
+    assert recluster_epoch(0.5, 1) == 0  # no epoch would be left after it
+    assert recluster_epoch(0.0, 10) == 0  # off
+    assert recluster_epoch(0.99, 4) == 3 and recluster_epoch(0.01, 4) == 1  # never the last, never before the first

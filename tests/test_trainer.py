@@ -429,7 +429,7 @@ def test_embedding_dropout_by_passes_over_the_data():
 # ---- 6. re-clustering in stage 1 ----------------------------------------------------------------
 
 def test_stage1_clusters_the_labels_again_and_a_resume_after_it_ends_the_same(bibtex, tmp_path, monkeypatch):
-    cfg = [*TINY, "train.recluster_epoch=1", "train.stage2_epochs=1"]
+    cfg = [*TINY, "train.recluster_fraction=0.5", "train.stage2_epochs=1"]  # after epoch 1 of 2
     partitions: list[list[np.ndarray]] = []
     original = EliasModel.set_partition
 

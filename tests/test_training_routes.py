@@ -147,3 +147,85 @@ def test_the_dense_fraction_switches_routes(monkeypatch):
     batch_label_logits(emb, torch.arange(10).view(2, 5), W, b)  # 10%: the distinct rows only
     assert calls[0] == 2 * 95 and calls[1:] == [10, 10]  # b_L's lookups; then W_L's 10 distinct rows
     assert search_mod._DISTINCT_DENSE_FRACTION == 0.9
+
+
+@pytest.mark.parametrize("popular", [False, True], ids=["spread beams", "one cluster in every beam"])
+def test_cluster_block_logits_and_gradients_equal_gathering_each_row(popular):
+    """Stage 1's block route: each beam cluster's slots scored by bucketed small products (padding rows, unused
+    clusters and pad slots included) gives the reference's logits and gradients, in expand's candidate order."""
+    from elias_retrieval.cluster_blocks import cluster_block_logits
+    from elias_retrieval.search import expand
+
+    g = torch.Generator().manual_seed(3)
+    L, C, kappa, d, B, beam = 70, 12, 7, 16, 40, 3  # 12 * 7 = 84 slots: 14 pads
+    A_ids = torch.full((C * kappa,), L)
+    A_ids[torch.randperm(C * kappa, generator=g)[:L]] = torch.arange(L)
+    A_ids = A_ids.view(C, kappa)
+    score = torch.rand(B, C, generator=g)
+    if popular:
+        score[:, 5] = 2.0  # cluster 5 is in all 40 beams: a bucket of 64 rows
+    score[:, 11] = -1.0  # cluster 11 in none
+    clusters = torch.topk(score, beam, dim=1).indices
+    cand_ids, _ = expand(clusters, torch.ones(B, beam), A_ids, torch.ones(C, kappa))
+    valid = cand_ids != L
+    weight = torch.randn(B, beam * kappa, generator=g) * valid
+    grads = []
+    for route in ("reference", "blocks"):
+        W = torch.randn(L, d, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        e = torch.randn(B, d, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        if route == "reference":
+            z = (W[torch.where(valid, cand_ids, 0)] * e.unsqueeze(1)).sum(-1)
+        else:
+            z = cluster_block_logits(e, clusters, A_ids, W, torch.float32)
+        (z * weight).sum().backward()
+        grads.append((z.detach() * valid, e.grad, W.grad))
+    for ref, fast in zip(*grads, strict=True):
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_stage1_loss_takes_the_block_route_and_equals_the_dense_one(monkeypatch):
+    import elias_retrieval.model as model_mod
+    from elias_retrieval.config import ModelConfig
+    from elias_retrieval.encoders import Encoder
+    from elias_retrieval.model import EliasModel
+
+    class Rows(Encoder):  # a batch's embeddings handed in as they are
+        kind, dim = "rows", 8
+
+        def forward(self, batch):
+            return batch["emb"]
+
+    torch.manual_seed(0)
+    L, C = 256, 32
+    model = EliasModel(Rows(), L, C, 20, ModelConfig(dim=8, beam_size=2, shortlist_size=40))
+    model.set_partition(  # stage 1: 32 clusters of 8 labels; 3 of them per beam, 9% of the dense product
+        [list(range(c * 8, c * 8 + 8)) for c in range(C)])
+    with torch.no_grad():
+        model.W_L.normal_()
+        model.W_C.normal_()
+    batch = {"emb": torch.randn(6, 8)}
+    pos_rows, pos_labels = torch.tensor([0, 1, 5]), torch.tensor([3, 100, 250])
+    routes = []
+    real = model_mod.cluster_block_logits
+
+    def spy(*args):
+        routes.append("blocks")
+        return real(*args)
+
+    monkeypatch.setattr(model_mod, "cluster_block_logits", spy)
+    loss_blocks, _ = model.loss(batch, pos_rows, pos_labels, 0.0)
+    monkeypatch.setattr(model_mod, "block_route_pays", lambda *a: False)
+    loss_dense, _ = model.loss(batch, pos_rows, pos_labels, 0.0)
+    assert routes == ["blocks"]
+    torch.testing.assert_close(loss_blocks, loss_dense)
+
+
+def test_membership_by_binary_search_equals_isin():
+    from elias_retrieval.model import _member
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randint(0, 500, (7, 40), generator=g)
+    for n in (0, 1, 30):
+        sorted_keys = torch.sort(torch.randint(0, 500, (n,), generator=g)).values
+        assert torch.equal(_member(keys, sorted_keys), torch.isin(keys, sorted_keys))
+    assert _member(torch.tensor([[499, 500]]), torch.tensor([3, 499])).tolist() == [[True, False]]  # past the end

@@ -166,6 +166,14 @@ def stage_epochs(t: TrainConfig, stage: int, steps_per_epoch: int) -> int:
     return max(epochs, math.ceil(min_steps / max(1, steps_per_epoch)))
 
 
+def recluster_epoch(fraction: float, epochs: int) -> int:
+    """The stage-1 epoch after which the labels are clustered again: `fraction` of `epochs`, rounded half up, kept
+    before the last epoch (0 = never: no fraction, or too few epochs to leave one after it)."""
+    if fraction <= 0 or epochs < 2:
+        return 0
+    return min(max(1, math.floor(fraction * epochs + 0.5)), epochs - 1)
+
+
 def _schedule(total_steps: int, warmup_fraction: float):
     warm = max(1, int(total_steps * warmup_fraction))
 
@@ -507,7 +515,7 @@ class Trainer:
                                   and (epoch + 1) * steps_per_epoch >= min_steps)
             if stopped and not last:
                 _log(f"stage {stage}: dev {t.select_metric} has not improved; the stage ends here", self.progress)
-            if stage == 1 and epoch + 1 == t.recluster_epoch and not (stopped or last):
+            if stage == 1 and epoch + 1 == recluster_epoch(t.recluster_fraction, epochs) and not (stopped or last):
                 self._recluster(model, data, inputs, opts["dense"])
             progress = {"stage": stage, "epoch": epochs if stopped else epoch + 1, "best_metric": best_metric,
                         "stale": stale, "history": self.history, "timings": self.timings}
