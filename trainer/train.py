@@ -494,13 +494,14 @@ class Trainer:
                 record.update(steps=probe_at, dev=probe)
                 self.stage2_skipped = (
                     f"stopped after {probe_at} of its {epochs * steps_per_epoch} steps: dev {t.select_metric} "
-                    f"{probe[t.select_metric]:.2f} did not beat the stage-1 model's {best_metric:.2f}")
+                    f"{probe[t.select_metric]:.2f} did not beat the best model's {best_metric:.2f} "
+                    f"({self._selected_name()})")
             elif has_dev and (last or (t.eval_every and (epoch + 1) % t.eval_every == 0)):
                 record["dev"] = self._evaluate_dev(model, data)
             self.history.append(record)
             _log(_format_record(record), self.progress)
             if stopped:
-                _log(f"stage 2 {self.stage2_skipped}: the stage-1 model is kept", self.progress)
+                _log(f"stage 2 {self.stage2_skipped}: that model is kept", self.progress)
             metric = record.get("dev", {}).get(t.select_metric, -1.0)
             improved = "dev" in record and metric > best_metric
             if improved or (not has_dev and last and stage == 2):
@@ -526,6 +527,15 @@ class Trainer:
                 break
         progress_state["epoch"] = epochs
         progress_state["best_metric"] = best_metric
+
+    def _selected_name(self) -> str:
+        """'stage S epoch E' of the model selected on dev so far (the last record that improved the metric)."""
+        key, best, name = self.cfg.train.select_metric, -1.0, "none yet"
+        for r in self.history:
+            m = r.get("dev", {}).get(key, -1.0)
+            if "dev" in r and m > best:
+                best, name = m, f"stage {r['stage']} epoch {r['epoch']}"
+        return name
 
     def _recluster(self, model: EliasModel, data: TrainData, inputs: EncoderInputs,
                    dense: torch.optim.Optimizer) -> None:
