@@ -169,7 +169,10 @@ def main() -> None:
         f"batch {B}, shortlist {cfg.model.shortlist_size}, kappa {model.kappa} in stage 2; torch threads "
         f"{torch.get_num_threads()}; label-classifier products in {bf16} ({new_api}). Reading and tf-idf took "
         f"{load_s:.0f} s. Each stage: {args.warmup} warm-up steps, then {args.steps} timed steps, then {args.steps} "
-        f"profiled ones (the profiler slows them; its times are shares, the timed steps are the speed).",
+        f"profiled ones (the profiler slows them; its times are shares, the timed steps are the speed)."
+        + (" Stage 1 runs three times on consecutive batches: the cluster-block label product (the default), the "
+           "dense (B, L) product (the route before it, its own profile below), then the default again (profiled)."
+           if "1, dense label product" in results else ""),
         "",
         "| stage | s per step | examples/s | minor page faults per step | peak RSS (MB) |",
         "| ---: | ---: | ---: | ---: | ---: |",

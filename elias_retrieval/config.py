@@ -84,14 +84,14 @@ class TrainConfig:
     # After this fraction of stage 1's epochs (rounded to the nearest epoch; only when at least one epoch is left
     # after it) the labels are clustered again, on [mean embedding | PIFA], and W_C starts over from each new
     # cluster's labels' trained W_L rows (ELIAS.md, stage 0's "better variant"); 0 = never. A fraction, not an
-    # epoch number: stage 1 runs 4 epochs on TIBKAT and 50 on Bibtex (stage1_min_steps).
+    # epoch number: stage 1 runs 4 epochs on TIBKAT and 56 on Bibtex (stage1_min_steps).
     recluster_fraction: float = 0.5
     stage2_min_steps: int = 300
     # A stage ends after this many dev evaluations in a row without a better select_metric, once it has run its
     # minimum steps (0 = never early).
     patience: int = 1
     # Stage 2 is evaluated on dev after this fraction of its first epoch (of stage2_min_steps, when more) and
-    # stopped there unless it already beats the stage-1 model (0 = no probe: it runs its epochs, early stopping
+    # stopped there unless it already beats the best model so far (0 = no probe: it runs its epochs, early stopping
     # aside).
     stage2_probe_fraction: float = 0.25
     lr_encoder: float = 4e-3  # the tf-idf encoder

@@ -194,8 +194,10 @@ def test_initialised_graph_from_a_real_stage1_model_covers_every_label(bibtex, t
     # alone would drop labels. stage2_epochs=0 keeps the initialised graph and the stage-1 model as they are
     # (no holdout: with a dev split the stage-1 model could win the selection).
     out = tmp_path / "model"
+    # No re-clustering: the stage-1 partition is then stage 0's, which the check below recomputes.
     cfg = EliasConfig().with_overrides([*TINY, "model.cluster_size=10", "model.kappa=10", "train.stage2_epochs=0",
-                                        "train.reranker=false", "train.holdout_fraction=0"])
+                                        "train.reranker=false", "train.holdout_fraction=0",
+                                        "train.recluster_fraction=0"])
     tm = run_training(bibtex, out, cfg, progress=False)
     L, C = tm.model.num_labels, tm.model.num_clusters
     assert (L, C) == (159, 16)
@@ -379,12 +381,24 @@ def _scripted_dev(monkeypatch, p5: list[float]) -> list[int]:
 def test_a_stage_ends_when_dev_stops_improving_and_the_best_epoch_is_kept(bibtex, tmp_path, monkeypatch):
     steps = _scripted_dev(monkeypatch, [10.0, 12.0, 11.0, 20.0])  # stage 1: up, down (stop); stage 2: up
     cfg = EliasConfig().with_overrides([*TINY, "train.stage1_epochs=4", "train.stage2_epochs=1", "train.patience=1",
-                                        "train.reranker=false"])
+                                        "train.reranker=false", "train.recluster_fraction=0"])
     run_training(bibtex, tmp_path / "m", cfg, progress=False)
     assert steps.count(1) == 3 * HELD_OUT_STEPS_PER_EPOCH  # epoch 4 never ran
     meta = json.loads((tmp_path / "m" / "model.json").read_text())
     assert [(r["stage"], r["epoch"]) for r in meta["history"]] == [(1, 1), (1, 2), (1, 3), (2, 1)]
     assert meta["selected"] == {"stage": 2, "epoch": 1, "P@5": 20.0}
+
+
+def test_the_evaluation_after_a_re_clustering_does_not_count_against_patience(bibtex, tmp_path, monkeypatch):
+    # Re-clustered after epoch 3 of 6 (W_C starts over): the dip at epoch 4 is forgiven, the one at 5 ends stage 1.
+    steps = _scripted_dev(monkeypatch, [10.0, 11.0, 12.0, 11.0, 11.5, 20.0])
+    cfg = EliasConfig().with_overrides([*TINY, "train.stage1_epochs=6", "train.stage2_epochs=1", "train.patience=1",
+                                        "train.reranker=false", "train.recluster_fraction=0.5"])
+    run_training(bibtex, tmp_path / "m", cfg, progress=False)
+    assert steps.count(1) == 5 * HELD_OUT_STEPS_PER_EPOCH  # epoch 6 never ran
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert [(r["stage"], r["epoch"]) for r in meta["history"]] == [*((1, e) for e in range(1, 6)), (2, 1)]
+    assert meta["timings"]["recluster_s"] > 0
 
 
 def test_stage2_stops_at_its_probe_unless_it_beats_stage1(bibtex, tmp_path, monkeypatch):

@@ -445,11 +445,13 @@ class Trainer:
         Y = data.Y_train
         has_dev = data.dev is not None
         # Stage 2 must earn its time: it is evaluated on dev early, after a fraction of its first epoch (of its
-        # minimum steps, when more), and stopped there unless it already does better than the stage-1 model.
+        # minimum steps, when more), and stopped there unless it already does better than the best model so far.
         probe_at = math.ceil(t.stage2_probe_fraction * max(steps_per_epoch, t.stage2_min_steps)) if (
             stage == 2 and has_dev and start_epoch == 0 and best_metric >= 0 and 0 < t.stage2_probe_fraction < 1
             and epochs > 0) else 0
         stale = int(progress_state.get("stale", 0))  # evaluations in a row without a better dev metric
+        # The first evaluation after a re-clustering does not count against patience: W_C has just started over.
+        grace = bool(progress_state.get("grace", False))
         for epoch in range(start_epoch, epochs):
             t_epoch = time.perf_counter()
             seed = t.seed + 1000 * stage + epoch
@@ -508,7 +510,8 @@ class Trainer:
                 best_metric = max(best_metric, metric)
                 self._save(model, data, {"selected": {"stage": stage, "epoch": epoch + 1, t.select_metric: metric},
                                          "history": self.history})
-            stale = 0 if improved else stale + ("dev" in record)
+            stale = 0 if improved else stale + ("dev" in record and not grace)
+            grace = grace and "dev" not in record
             # Dev early stopping: a stage ends once `patience` evaluations in a row did not improve on the best,
             # but not before its minimum number of steps (a small dataset's dev split is small and noisy).
             min_steps = t.stage1_min_steps if stage == 1 else t.stage2_min_steps
@@ -518,8 +521,9 @@ class Trainer:
                 _log(f"stage {stage}: dev {t.select_metric} has not improved; the stage ends here", self.progress)
             if stage == 1 and epoch + 1 == recluster_epoch(t.recluster_fraction, epochs) and not (stopped or last):
                 self._recluster(model, data, inputs, opts["dense"])
+                grace = True
             progress = {"stage": stage, "epoch": epochs if stopped else epoch + 1, "best_metric": best_metric,
-                        "stale": stale, "history": self.history, "timings": self.timings}
+                        "stale": stale, "grace": grace, "history": self.history, "timings": self.timings}
             if self.group.is_main:
                 checkpoint.save_state(self.out_dir, model, opts, scheds, progress)
                 self._append_history(record)
