@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -229,6 +230,13 @@ def _worker(local_rank: int, world: int, init_file: str, device_name: str, fn: C
     except BaseException:
         errors.put((local_rank, traceback.format_exc(), "crash"))
         raise SystemExit(1) from None
+    # The work is done and its files are closed. Leave without the interpreter's teardown: a worker that had a
+    # transformer loaded occasionally aborted there ("terminate called without an active exception", after its last
+    # Python frame), which turned a finished run into a failed one.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def launch(nproc: int, device_name: str, fn: Callable[..., Any], *args: Any) -> None:
