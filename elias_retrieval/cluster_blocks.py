@@ -53,7 +53,12 @@ def cluster_block_logits(emb: Tensor, clusters: Tensor, A_ids: Tensor, W_L: Tens
         labels = A_ids.index_select(0, cluster_order).reshape(-1)
         labels = torch.where(labels >= W_L.shape[0], torch.zeros_like(labels), labels)
         sizes, n_clusters = torch.unique_consecutive(bucket_rows, return_counts=True)
-    W = W_L.to(dtype).index_select(0, labels)  # each used cluster's labels once; cast first: less memory traffic
+    # Each used cluster's labels once, cast on the narrower side: a wide W_L (fp32 to bf16 in training) is cast
+    # first, a compact one (an index's fp16 or int8, widened to fp32) only in its gathered rows.
+    if W_L.element_size() > torch.empty((), dtype=dtype).element_size():
+        W = W_L.to(dtype).index_select(0, labels)
+    else:
+        W = W_L.index_select(0, labels).to(dtype)
     E = emb.to(dtype).index_select(0, table)
     d = emb.shape[1]
     counts_c, counts_r = n_clusters.tolist(), (sizes * n_clusters).tolist()

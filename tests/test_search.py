@@ -9,6 +9,7 @@ from elias_retrieval.search import (
     _best_paths_sorted,
     _scratch,
     best_paths,
+    blocks_pay,
     edge_weights,
     search,
 )
@@ -101,6 +102,44 @@ def test_best_paths_matches_a_brute_force_max_per_label_with_ties_and_pads(route
         assert len(set(got_ids)) == len(got_ids) == len(want)
         assert got == want
         assert all(best[i] == path[r, p] for i, p in zip(got_ids, pos[r][valid[r]].tolist(), strict=True))
+
+
+def partition_tensors(W_L_dtype: torch.dtype, L: int = 600, C: int = 16, d: int = 8) -> SearchTensors:
+    """A stage-1 graph: each label in one cluster, a = 1, the last cluster short (pad slots); W_L stored as
+    fp32, fp16 or int8 with per-row scales, as an index keeps it."""
+    g = torch.Generator().manual_seed(3)
+    kappa = -(-L // C) + 2
+    A_ids = torch.full((C, kappa), L)
+    for c, members in enumerate(torch.randperm(L, generator=g).tensor_split(C)):
+        A_ids[c, : len(members)] = members
+    W_L, scale = torch.randn(L, d, generator=g), None
+    if W_L_dtype == torch.int8:
+        scale = W_L.abs().amax(1) / 127
+        W_L = torch.round(W_L / scale.unsqueeze(1)).to(torch.int8)
+    return SearchTensors(W_C=torch.randn(C, d, generator=g), b_C=torch.randn(C, generator=g), A_ids=A_ids,
+                         A_weights=(A_ids != L).float(), W_L=W_L.to(W_L_dtype), b_L=torch.randn(L, generator=g),
+                         alpha=3.0, W_L_scale=scale, partition=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8])
+def test_a_batch_scored_by_cluster_blocks_equals_each_query_scored_by_row_gathers(dtype):
+    t = partition_tensors(dtype)
+    emb = torch.randn(64, 8, generator=torch.Generator().manual_seed(4))
+    beam = 4
+    assert blocks_pay(emb, torch.zeros(64, beam, dtype=torch.long), t)  # the batch takes the block route
+    assert not blocks_pay(emb[:1], torch.zeros(1, beam, dtype=torch.long), t)  # a lone query gathers rows
+    batch = search(emb, t, k=30, beam_size=beam, shortlist_size=100, parts=1)
+    assert (batch.ids >= 0).all()
+    for i in range(len(emb)):
+        one = search(emb[i : i + 1], t, k=30, beam_size=beam, shortlist_size=100)
+        assert torch.equal(batch.ids[i], one.ids[0])
+        for field in ("scores", "path", "label_prob", "cluster"):
+            torch.testing.assert_close(getattr(batch, field)[i], getattr(one, field)[0], atol=1e-5, rtol=0)
+
+
+def test_the_block_route_is_for_partitions_only():
+    t = random_tensors()  # overlapping rows of A: a label can sit in several beam clusters
+    assert not blocks_pay(torch.randn(64, 8), torch.zeros(64, 4, dtype=torch.long), t)
 
 
 def test_unreachable_slots_are_padded_with_minus_one():

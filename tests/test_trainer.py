@@ -7,6 +7,7 @@ sparse-A coverage on a real stage-1 model, determinism, and resume after an inte
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -473,3 +474,25 @@ def test_stage1_clusters_the_labels_again_and_a_resume_after_it_ends_the_same(bi
             run_training(bibtex, out, EliasConfig().with_overrides(cfg), progress=False)
     _cli_ok("train", bibtex, out, "--resume", "--quiet")
     _assert_same_tensors(tmp_path / "ref", out)
+
+
+# ---- background writes --------------------------------------------------------------------------
+
+def test_background_writes_land_in_order_and_report_a_failed_write():
+    from trainer.checkpoint import BackgroundWrites
+
+    writes, landed = BackgroundWrites(), []
+    writes.submit(lambda: (time.sleep(0.05), landed.append("checkpoint 1")))
+    writes.submit(landed.append, "model directory")
+    writes.wait()
+    assert landed == ["checkpoint 1", "model directory"]
+
+    def full_disk() -> None:
+        raise OSError(28, "No space left on device")
+
+    writes.submit(full_disk)
+    writes.submit(landed.append, "after the failure")
+    with pytest.raises(OSError, match="No space left"):
+        writes.wait()
+    assert landed[-1] == "after the failure"  # a failed write does not drop the ones queued behind it
+    writes.wait()  # the failure is reported once

@@ -229,3 +229,38 @@ def test_membership_by_binary_search_equals_isin():
         sorted_keys = torch.sort(torch.randint(0, 500, (n,), generator=g)).values
         assert torch.equal(_member(keys, sorted_keys), torch.isin(keys, sorted_keys))
     assert _member(torch.tensor([[499, 500]]), torch.tensor([3, 499])).tolist() == [[True, False]]  # past the end
+
+
+
+def test_row_adam_compiled_update_equals_the_tensor_update(monkeypatch):
+    from trainer import optim
+
+    def run() -> tuple[torch.Tensor, ...]:
+        emb = torch.nn.Embedding(50, 16, sparse=True)
+        with torch.no_grad():
+            emb.weight.copy_(torch.randn(50, 16, generator=torch.Generator().manual_seed(1)))
+        opt = RowAdam(emb.parameters(), lr=0.05)
+        for seed in range(5):
+            rows = torch.randint(0, 50, (20,), generator=torch.Generator().manual_seed(seed)).unique()
+            opt.zero_grad()
+            (emb(rows) ** 2).sum().backward()  # distinct sorted rows, as the tf-idf encoder looks them up
+            opt.step()
+        st = opt.state[emb.weight]
+        return emb.weight.detach().clone(), st["exp_avg"], st["exp_avg_sq"]
+
+    calls = {"n": 0}
+    compiled = optim._fused_rows
+
+    def counted(*args):
+        calls["n"] += 1
+        return compiled(*args)
+
+    monkeypatch.setattr(optim, "_fused_rows", counted)
+    fused = run()
+    assert calls["n"] == 5  # the CPU float32 table took the compiled route
+    monkeypatch.setattr(optim, "_fused", lambda p, st: False)
+    tensors = run()
+    assert calls["n"] == 5
+    for a, b in zip(fused, tensors, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert (fused[1] != 0).any()  # the rows moved

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,32 @@ def _restore_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict[st
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def snapshot_state(
+    model: torch.nn.Module,
+    optimizers: dict[str, torch.optim.Optimizer],
+    schedulers: dict[str, Any],
+    progress: dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Copies of the training state after a finished epoch (model, optimisers, schedules, progress), which
+    training can go on changing while they are written (`write_state`)."""
+    tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    opt_meta: dict[str, Any] = {}
+    for name, opt in optimizers.items():
+        t, m = _flatten_optimizer(opt, name)
+        tensors.update(t)
+        opt_meta[name] = m
+    meta = {"progress": progress, "optimizers": opt_meta,
+            "schedulers": {k: s.state_dict() for k, s in schedulers.items()}}
+    return tensors, json.loads(json.dumps(meta))  # a deep copy of the JSON side
+
+
+def write_state(out_dir: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Atomically replace OUT/train_state with a snapshot_state."""
+    with atomic_dir(out_dir / STATE_DIR) as tmp:
+        write_safetensors(tmp / "state.safetensors", tensors)
+        write_json(tmp / "state.json", meta)
+
+
 def save_state(
     out_dir: Path,
     model: torch.nn.Module,
@@ -49,19 +77,32 @@ def save_state(
     progress: dict[str, Any],
 ) -> None:
     """Atomically replace OUT/train_state with the state after a finished epoch."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    opt_meta: dict[str, Any] = {}
-    for name, opt in optimizers.items():
-        t, m = _flatten_optimizer(opt, name)
-        tensors.update(t)
-        opt_meta[name] = m
-    with atomic_dir(out_dir / STATE_DIR) as tmp:
-        write_safetensors(tmp / "state.safetensors", tensors)
-        write_json(tmp / "state.json", {
-            "progress": progress,
-            "optimizers": opt_meta,
-            "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-        })
+    write_state(out_dir, *snapshot_state(model, optimizers, schedulers, progress))
+
+
+class BackgroundWrites:
+    """Writes that run one after another, in order, on one thread beside training: an epoch's checkpoint and
+    model directory are written (and fsynced) while the next epoch trains. `wait` returns once all submitted
+    writes are done and raises the first one's error; `submit` raises an earlier write's error too."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="elias-writes")
+        self._pending: list[Future[None]] = []
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self._raise_failed()
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
+
+    def _raise_failed(self) -> None:
+        done = [f for f in self._pending if f.done()]
+        self._pending = [f for f in self._pending if not f.done()]
+        for f in done:
+            f.result()
 
 
 def has_state(out_dir: Path) -> bool:

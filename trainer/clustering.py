@@ -33,6 +33,8 @@ def _bisect(Z: sp.csr_matrix, rng: np.random.Generator, iters: int) -> np.ndarra
     i, j = rng.choice(n, size=2, replace=False)
     diff = np.asarray((Z[i] - Z[j]).todense()).ravel()
     mask = np.zeros(n, dtype=bool)
+    Zt = Z.T  # CSC, no copy: the centroid sums are products, with no copy of either half's rows per iteration
+    total = Zt @ np.ones(n, dtype=Z.dtype)
     for _ in range(iters):
         score = Z @ diff
         order = np.argsort(-score, kind="stable")
@@ -41,8 +43,8 @@ def _bisect(Z: sp.csr_matrix, rng: np.random.Generator, iters: int) -> np.ndarra
         if np.array_equal(new, mask):
             break
         mask = new
-        c1 = np.asarray(Z[mask].sum(0)).ravel()
-        c2 = np.asarray(Z[~mask].sum(0)).ravel()
+        c1 = Zt @ mask.astype(Z.dtype)
+        c2 = total - c1
         c1 /= max(np.linalg.norm(c1), 1e-12)
         c2 /= max(np.linalg.norm(c2), 1e-12)
         diff = c1 - c2

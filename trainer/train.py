@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import os
@@ -285,6 +287,7 @@ class Trainer:
         self.dev_inputs: EncoderInputs | None = None
         self.dropouts: dict[str, float] = {}  # the embedding dropout each stage trained with
         self.timings: dict[str, float] = {}
+        self.writes = checkpoint.BackgroundWrites()  # checkpoints and model saves, beside the next epoch
 
     # ---- setup ---------------------------------------------------------------------------------
     def _prepare(self, resume: bool) -> tuple[TfidfFeaturizer, TrainData]:
@@ -313,17 +316,49 @@ class Trainer:
         if self.group.active and self.cfg.train.threads == 0:
             torch.set_num_threads(distributed.threads_per_process(self.group))
 
-    def _save(self, model: EliasModel, data: TrainData, extra: dict[str, Any]) -> None:
+    def _save(self, model: EliasModel, data: TrainData, extra: dict[str, Any], background: bool = False) -> None:
+        """Write the model directory. `background`: from a copy of the model, beside training (the tf-idf
+        encoder's; the transformer encoders are written in the foreground), after any earlier write."""
         if not self.group.is_main:
             return
-        meta = {"num_train": len(data.train), "empty_train_documents": data.empty_train, "timings": self.timings,
-                "embed_dropout": self.dropouts, **extra}
-        save_model_dir(self.out_dir, model, self.cfg, data.train.vocab, model_featurizer(model, self.featurizer),
-                       torch.from_numpy(data.label_counts), meta)
+        t0 = time.perf_counter()
+        meta = json.loads(json.dumps({"num_train": len(data.train), "empty_train_documents": data.empty_train,
+                                      "timings": self.timings, "embed_dropout": self.dropouts, **extra}))
+        cfg = EliasConfig.from_dict(self.cfg.to_dict())
+        counts = torch.from_numpy(data.label_counts.copy())
+        if background and isinstance(model.encoder, TfidfEncoder):
+            featurizer = model.encoder.featurizer  # fitted once, never changed by training: shared, not copied
+            snapshot = copy.deepcopy(model, memo={id(featurizer): featurizer})
+            self.writes.submit(save_model_dir, self.out_dir, snapshot, cfg, data.train.vocab, featurizer, counts,
+                               meta)
+        else:
+            self.writes.wait()
+            save_model_dir(self.out_dir, model, cfg, data.train.vocab, model_featurizer(model, self.featurizer),
+                           counts, meta)
+        self._saving(t0)
+
+    def _saving(self, t0: float) -> None:
+        """Count the time since t0 as the foreground's share of writing checkpoints and model directories."""
+        self.timings["saving_s"] = self.timings.get("saving_s", 0.0) + time.perf_counter() - t0
+
+    def _wait_for_writes(self) -> None:
+        t0 = time.perf_counter()
+        self.writes.wait()
+        self._saving(t0)
 
     # ---- the run -------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainedModel | None:
         """Train; returns the selected model (None on the ranks after the first of a multi-process run)."""
+        try:
+            return self._run(resume)
+        except BaseException:
+            # Interrupted or failed: the checkpoint and model directory already handed to the writer still land
+            # (or fail on their own), so that --resume starts from the last finished epoch.
+            with contextlib.suppress(Exception):
+                self.writes.wait()
+            raise
+
+    def _run(self, resume: bool) -> TrainedModel | None:
         cfg = self.cfg
         if resume and not checkpoint.has_state(self.out_dir):
             raise TrainingError(f"{self.out_dir}: nothing to resume (no {checkpoint.STATE_DIR}/)")
@@ -407,6 +442,7 @@ class Trainer:
             progress_state = {"stage": 2, "epoch": 0, "history": self.history,
                               "best_metric": progress_state.get("best_metric", -1.0)}
         self._run_stage(model, data, inputs, 2, progress_state, state_t, state_m)
+        self._wait_for_writes()  # what follows reads the model directory
         if self.group.is_main and not (self.out_dir / "model.json").exists():
             # stage2_epochs=0: the stage-1 model with A initialised
             self._save(model, data, {"selected": {"stage": 2, "epoch": 0}, "history": self.history})
@@ -509,7 +545,7 @@ class Trainer:
             if improved or (not has_dev and last and stage == 2):
                 best_metric = max(best_metric, metric)
                 self._save(model, data, {"selected": {"stage": stage, "epoch": epoch + 1, t.select_metric: metric},
-                                         "history": self.history})
+                                         "history": self.history}, background=True)
             stale = 0 if improved else stale + ("dev" in record and not grace)
             grace = grace and "dev" not in record
             # Dev early stopping: a stage ends once `patience` evaluations in a row did not improve on the best,
@@ -525,8 +561,10 @@ class Trainer:
             progress = {"stage": stage, "epoch": epochs if stopped else epoch + 1, "best_metric": best_metric,
                         "stale": stale, "grace": grace, "history": self.history, "timings": self.timings}
             if self.group.is_main:
-                checkpoint.save_state(self.out_dir, model, opts, scheds, progress)
-                self._append_history(record)
+                t0 = time.perf_counter()
+                self.writes.submit(self._write_epoch, *checkpoint.snapshot_state(model, opts, scheds, progress),
+                                   json.loads(json.dumps(record)))
+                self._saving(t0)
             if stopped:
                 break
         progress_state["epoch"] = epochs
@@ -651,6 +689,11 @@ class Trainer:
         meta = json.loads(meta_path.read_text())
         meta["reranker"] = report
         write_json(meta_path, meta)
+
+    def _write_epoch(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], record: dict[str, Any]) -> None:
+        """The checkpoint of a finished epoch, then its line of history.jsonl (a resumed epoch is logged once)."""
+        checkpoint.write_state(self.out_dir, tensors, meta)
+        self._append_history(record)
 
     def _append_history(self, record: dict[str, Any]) -> None:
         with open(self.out_dir / "history.jsonl", "a") as f:
