@@ -231,7 +231,6 @@ def test_membership_by_binary_search_equals_isin():
     assert _member(torch.tensor([[499, 500]]), torch.tensor([3, 499])).tolist() == [[True, False]]  # past the end
 
 
-
 def test_row_adam_compiled_update_equals_the_tensor_update(monkeypatch):
     from trainer import optim
 

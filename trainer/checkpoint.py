@@ -69,17 +69,6 @@ def write_state(out_dir: Path, tensors: dict[str, torch.Tensor], meta: dict[str,
         write_json(tmp / "state.json", meta)
 
 
-def save_state(
-    out_dir: Path,
-    model: torch.nn.Module,
-    optimizers: dict[str, torch.optim.Optimizer],
-    schedulers: dict[str, Any],
-    progress: dict[str, Any],
-) -> None:
-    """Atomically replace OUT/train_state with the state after a finished epoch."""
-    write_state(out_dir, *snapshot_state(model, optimizers, schedulers, progress))
-
-
 class BackgroundWrites:
     """Writes that run one after another, in order, on one thread beside training: an epoch's checkpoint and
     model directory are written (and fsynced) while the next epoch trains. `wait` returns once all submitted

@@ -322,18 +322,17 @@ class Trainer:
         if not self.group.is_main:
             return
         t0 = time.perf_counter()
-        meta = json.loads(json.dumps({"num_train": len(data.train), "empty_train_documents": data.empty_train,
-                                      "timings": self.timings, "embed_dropout": self.dropouts, **extra}))
-        cfg = EliasConfig.from_dict(self.cfg.to_dict())
-        counts = torch.from_numpy(data.label_counts.copy())
+        meta = {"num_train": len(data.train), "empty_train_documents": data.empty_train, "timings": self.timings,
+                "embed_dropout": self.dropouts, **extra}
+        counts = torch.from_numpy(data.label_counts)
         if background and isinstance(model.encoder, TfidfEncoder):
             featurizer = model.encoder.featurizer  # fitted once, never changed by training: shared, not copied
             snapshot = copy.deepcopy(model, memo={id(featurizer): featurizer})
-            self.writes.submit(save_model_dir, self.out_dir, snapshot, cfg, data.train.vocab, featurizer, counts,
-                               meta)
+            self.writes.submit(save_model_dir, self.out_dir, snapshot, EliasConfig.from_dict(self.cfg.to_dict()),
+                               data.train.vocab, featurizer, counts, json.loads(json.dumps(meta)))
         else:
             self.writes.wait()
-            save_model_dir(self.out_dir, model, cfg, data.train.vocab, model_featurizer(model, self.featurizer),
+            save_model_dir(self.out_dir, model, self.cfg, data.train.vocab, model_featurizer(model, self.featurizer),
                            counts, meta)
         self._saving(t0)
 
