@@ -124,7 +124,7 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     L, C = data.Y_train.shape[1], cfg.model.num_clusters(data.Y_train.shape[1])
     torch.manual_seed(cfg.train.seed)
-    model = EliasModel(T.make_encoder(cfg, featurizer), L, C, min(cfg.model.kappa, L), cfg.model)
+    model = EliasModel(T.make_encoder(cfg, featurizer, L), L, C, min(cfg.model.kappa, L), cfg.model)
     partition = balanced_clusters(pifa(data.X_train, data.Y_train), C, seed=cfg.train.seed)
     model.set_partition(partition)
     inputs = SparseInputs(data.X_train)

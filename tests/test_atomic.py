@@ -281,6 +281,32 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
     return out
 
 
+def test_a_staged_directory_is_in_place_only_once_committed_and_a_later_stage_keeps_a_pending_one(tmp_path: Path):
+    path = tmp_path / "state"
+    write_version(path, "v1")
+    with atomic.staged_dir(path) as first:
+        (first.tmp / "a").write_text("v2")
+        (first.tmp / "sub").mkdir()
+        (first.tmp / "sub" / "b").write_text("v2")
+    assert version_of(path) == "v1"  # written, not yet in place
+    with atomic.staged_dir(path) as second:  # staging again cleans leftovers, never a live one's pending version
+        (second.tmp / "a").write_text("v3")
+    assert first.tmp.is_dir()
+    first.commit()
+    assert version_of(path) == "v2" and not first.tmp.exists()
+    second.discard()
+    assert version_of(path) == "v2" and beside(path) == ["state"]
+
+
+def test_a_failed_staging_leaves_the_previous_and_nothing_else(tmp_path: Path):
+    path = tmp_path / "state"
+    write_version(path, "v1")
+    with pytest.raises(RuntimeError), atomic.staged_dir(path) as staged:
+        (staged.tmp / "a").write_text("v2")
+        raise RuntimeError("the writer failed")
+    assert version_of(path) == "v1" and beside(path) == ["state"]
+
+
 def test_build_index_on_a_full_disk_is_one_error_line_and_leaves_nothing(model_dir: Path, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch):
     out = tmp_path / "indexes" / "idx"

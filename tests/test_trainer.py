@@ -35,13 +35,13 @@ pytestmark = pytest.mark.slow
 SMALL = [
     "train.stage1_min_steps=0", "train.stage2_min_steps=0", "train.batch_size=64", "train.lr_labels=0.03",
     "train.lr_encoder=0.01", "model.cluster_size=20", "model.kappa=40", "model.beam_size=4",
-    "train.threads=1", "train.device=cpu",
+    "train.threads=1", "train.device=cpu", "train.stage2_after_convergence=false",
 ]
 E2E = [*SMALL, "train.max_train_points=1500", "train.stage1_epochs=4", "train.stage2_epochs=2", "model.dim=64"]
 # For the runs compared tensor by tensor: fewer points, same shapes of the problem, and every epoch run (no early
 # stopping, no stage-2 probe), so that the runs have the same shape whatever the dev metric does.
 TINY = [*SMALL, "train.max_train_points=600", "train.stage1_epochs=2", "train.stage2_epochs=2", "model.dim=32",
-        "train.patience=0", "train.stage2_probe_fraction=0"]
+        "train.patience=0", "train.stage2_probe_fraction=0", "train.checkpoint_minutes=0"]
 TINY_STEPS_PER_EPOCH = 10  # ceil(600 / 64)
 
 runner = CliRunner()
@@ -306,6 +306,25 @@ def test_resume_after_an_interruption_ends_with_the_uninterrupted_tensors(bibtex
     assert pairs[0] == pairs[1]
 
 
+def test_checkpoints_by_time_land_at_each_stage_end_and_resume_the_same(bibtex, reference_run, tmp_path,
+                                                                        monkeypatch):
+    cfg = EliasConfig().with_overrides([*TINY, "train.checkpoint_minutes=60"])
+    early = tmp_path / "early"
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        _interrupt_loss_at(m, 1, TINY_STEPS_PER_EPOCH + 3)  # in epoch 2 of stage 1: no checkpoint is due yet
+        run_training(bibtex, early, cfg, progress=False)
+    assert not (early / "train_state").exists() and not (early / "history.jsonl").exists()
+
+    out = tmp_path / "model"
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        _interrupt_graph_init(m)  # stage 1 has ended: its checkpoint holds both of its epochs
+        run_training(bibtex, out, cfg, progress=False)
+    assert _epochs(out) == [(1, 1), (1, 2)]
+    _cli_ok("train", bibtex, out, "--resume", "--quiet")
+    _assert_same_tensors(reference_run, out)
+    assert _epochs(out) == _epochs(reference_run)
+
+
 def test_resume_with_nothing_to_resume_is_a_one_line_error(bibtex, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -420,6 +439,26 @@ def test_stage2_stops_at_its_probe_unless_it_beats_stage1(bibtex, tmp_path, monk
     assert meta["selected"] == {"stage": 2, "epoch": 2, "P@5": 15.0} and "stage2_skipped" not in meta
 
 
+def test_stage2_is_skipped_after_a_stage1_still_improving_and_runs_after_a_converged_one(bibtex, tmp_path,
+                                                                                      monkeypatch):
+    cfg = EliasConfig().with_overrides([*TINY, "train.stage2_after_convergence=true", "train.reranker=false",
+                                        "train.recluster_fraction=0"])
+    steps = _scripted_dev(monkeypatch, [10.0, 12.0])  # still rising at stage 1's last epoch
+    run_training(bibtex, tmp_path / "rising", cfg, progress=False)
+    assert steps.count(2) == 0
+    meta = json.loads((tmp_path / "rising" / "model.json").read_text())
+    assert meta["stage"] == 1 and meta["selected"] == {"stage": 1, "epoch": 2, "P@5": 12.0}
+    assert meta["stage2_skipped"] == ("skipped: stage 1 was still improving at its last epoch (dev P@5 10.00 "
+                                      "before it, 12.00 after it), not converged")
+    assert "graph_init_s" not in meta["timings"]
+
+    steps = _scripted_dev(monkeypatch, [12.0, 11.0, 13.0, 14.0])  # converged (its last epoch did not improve)
+    run_training(bibtex, tmp_path / "flat", cfg, progress=False)
+    assert steps.count(2) == 2 * HELD_OUT_STEPS_PER_EPOCH
+    meta = json.loads((tmp_path / "flat" / "model.json").read_text())
+    assert meta["selected"] == {"stage": 2, "epoch": 2, "P@5": 14.0} and "stage2_skipped" not in meta
+
+
 def test_early_stopping_waits_for_the_stages_minimum_steps(bibtex, tmp_path, monkeypatch):
     steps = _scripted_dev(monkeypatch, [10.0, 12.0, 11.0, 11.5, 20.0])  # the dip at epoch 3 does not end stage 1
     cfg = EliasConfig().with_overrides([*TINY, "train.stage1_epochs=3", "train.stage2_epochs=1", "train.patience=1",
@@ -496,3 +535,41 @@ def test_background_writes_land_in_order_and_report_a_failed_write():
         writes.wait()
     assert landed[-1] == "after the failure"  # a failed write does not drop the ones queued behind it
     writes.wait()  # the failure is reported once
+
+
+def test_a_staged_checkpoint_holds_the_state_at_staging_though_training_goes_on(tmp_path):
+    from trainer import checkpoint
+
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    moment = opt.state[model.weight]["exp_avg"].clone()
+    staged = checkpoint.stage_state(tmp_path, model, {"dense": opt}, {}, {"stage": 1, "epoch": 1})
+    assert not checkpoint.has_state(tmp_path)  # nothing in place before the commit
+    with torch.no_grad():  # the next epoch changes the live tensors in place before the commit runs
+        model.weight.add_(1.0)
+    opt.step()
+    staged.commit()
+    tensors, meta = checkpoint.load_state(tmp_path)
+    for k, v in expected.items():
+        assert torch.equal(tensors[f"model.{k}"], v)
+    assert torch.equal(tensors["dense.0.exp_avg"], moment)
+    assert meta["progress"] == {"stage": 1, "epoch": 1}
+
+
+def test_the_default_width_grows_with_the_label_count_and_is_recorded(bibtex, tmp_path):
+    m = EliasConfig().model
+    widths = [m.embedding_dim(n) for n in (159, 4_096, 4_271, 8_192, 16_384, 32_472, 1_000_000)]
+    assert widths == [512, 512, 512, 576, 704, 768, 768]
+    assert all(w % 64 == 0 for w in widths)
+    assert EliasConfig().with_overrides(["model.dim=96"]).model.embedding_dim(1_000_000) == 96
+
+    out = tmp_path / "model"
+    trained = run_training(bibtex, out, EliasConfig().with_overrides(
+        [*TINY, "model.dim=0", "train.stage2_epochs=0", "train.reranker=false"]), progress=False)
+    L = trained.model.num_labels
+    assert trained.model.encoder.dim == m.embedding_dim(L) == 512
+    assert json.loads((out / "config.json").read_text())["model"]["dim"] == 512  # resolved, not 0
+    assert json.loads((out / "model.json").read_text())["dim"] == 512

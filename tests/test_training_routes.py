@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import elias_retrieval.search as search_mod
-from elias_retrieval.malloc import reuse_freed_memory
+from elias_retrieval.malloc import release_freed_memory, reuse_freed_memory
 from elias_retrieval.precision import PrecisionError, has_fast_bf16, matmul_dtype
 from elias_retrieval.search import batch_label_logits, cluster_scores, shortlist
 from trainer.optim import RowAdam
@@ -130,6 +130,8 @@ def test_reuse_freed_memory_on_glibc():
     assert reuse_freed_memory() is (platform.libc_ver()[0] == "glibc")
     x = torch.ones(64 << 18)  # a 64 MB block, served from the heap now; still a working tensor
     assert float(x.sum()) == 64 << 18
+    del x
+    assert release_freed_memory() is (platform.libc_ver()[0] == "glibc")
 
 
 def test_the_dense_fraction_switches_routes(monkeypatch):

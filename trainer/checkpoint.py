@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from elias_retrieval.atomic import atomic_dir, write_json, write_safetensors
+from elias_retrieval.atomic import StagedDir, staged_dir
 
 STATE_DIR = "train_state"
 
@@ -24,7 +24,7 @@ def _flatten_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[st
         for key, val in st.items():
             name = f"{prefix}.{idx}.{key}"
             if isinstance(val, torch.Tensor):
-                tensors[name] = val.detach().clone().contiguous()
+                tensors[name] = val.detach()
             else:
                 scalars[name] = val
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -43,15 +43,18 @@ def _restore_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict[st
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def snapshot_state(
+def stage_state(
+    out_dir: Path,
     model: torch.nn.Module,
     optimizers: dict[str, torch.optim.Optimizer],
     schedulers: dict[str, Any],
     progress: dict[str, Any],
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Copies of the training state after a finished epoch (model, optimisers, schedules, progress), which
-    training can go on changing while they are written (`write_state`)."""
-    tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+) -> StagedDir:
+    """Write the training state after a finished epoch (model, optimisers, schedules, progress) as a new
+    OUT/train_state beside the current one, straight from the live tensors: training may change them as soon as
+    this returns, with no copy of them held meanwhile. The returned directory's `commit` (fsync, then the atomic
+    swap) may run later, on another thread."""
+    tensors = {f"model.{k}": v.detach() for k, v in model.state_dict().items()}
     opt_meta: dict[str, Any] = {}
     for name, opt in optimizers.items():
         t, m = _flatten_optimizer(opt, name)
@@ -59,19 +62,15 @@ def snapshot_state(
         opt_meta[name] = m
     meta = {"progress": progress, "optimizers": opt_meta,
             "schedulers": {k: s.state_dict() for k, s in schedulers.items()}}
-    return tensors, json.loads(json.dumps(meta))  # a deep copy of the JSON side
-
-
-def write_state(out_dir: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Atomically replace OUT/train_state with a snapshot_state."""
-    with atomic_dir(out_dir / STATE_DIR) as tmp:
-        write_safetensors(tmp / "state.safetensors", tensors)
-        write_json(tmp / "state.json", meta)
+    with staged_dir(out_dir / STATE_DIR) as staged:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(staged.tmp / "state.safetensors"))
+        (staged.tmp / "state.json").write_text(json.dumps(meta))
+    return staged
 
 
 class BackgroundWrites:
-    """Writes that run one after another, in order, on one thread beside training: an epoch's checkpoint and
-    model directory are written (and fsynced) while the next epoch trains. `wait` returns once all submitted
+    """Writes that run one after another, in order, on one thread beside training: an epoch's staged checkpoint
+    is fsynced and swapped in while the next epoch trains. `wait` returns once all submitted
     writes are done and raises the first one's error; `submit` raises an earlier write's error too."""
 
     def __init__(self) -> None:

@@ -10,7 +10,7 @@ from sklearn.preprocessing import normalize
 
 def pifa(X: sp.csr_matrix, Y: sp.csr_matrix) -> sp.csr_matrix:
     """z_l = normalize(sum of normalize(x_i) over the points i with label l): (L, F), rows l2-normalised."""
-    Xn = normalize(X.astype(np.float32), norm="l2", axis=1, copy=True)
+    Xn = normalize(X.astype(np.float32, copy=False), norm="l2", axis=1, copy=True)
     Z = (Y.T.tocsr().astype(np.float32) @ Xn).tocsr()
     return normalize(Z, norm="l2", axis=1, copy=False)
 
@@ -19,7 +19,8 @@ def joint_features(embedding_centroids: np.ndarray, Z_tfidf: sp.csr_matrix) -> s
     """[normalize(mean phi) | normalize(PIFA)] / sqrt(2): both halves count alike and the rows are unit length
     (ELIAS.md, stage 0's re-clustering variant). A label without positives keeps zero rows."""
     phi = normalize(np.asarray(embedding_centroids, dtype=np.float32), norm="l2", axis=1)
-    return normalize(sp.hstack([sp.csr_matrix(phi), Z_tfidf.astype(np.float32)], format="csr"), norm="l2", axis=1)
+    joint = sp.hstack([sp.csr_matrix(phi), Z_tfidf.astype(np.float32, copy=False)], format="csr")
+    return normalize(joint, norm="l2", axis=1, copy=False)  # in place: the matrix is as large as the PIFA
 
 
 def _bisect(Z: sp.csr_matrix, rng: np.random.Generator, iters: int) -> np.ndarray:
@@ -72,7 +73,8 @@ def balanced_clusters(
         for _ in range(depth):
             nxt: list[np.ndarray] = []
             for members in clusters:
-                mask = _bisect(Z[members], rng, iters)
+                # the first split reads Z itself: a copy of all its rows would double the memory the clustering needs
+                mask = _bisect(Z if len(members) == L else Z[members], rng, iters)
                 nxt += [members[mask], members[~mask]]
                 bar.advance(task)
             clusters = nxt

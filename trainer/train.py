@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import copy
+import gc
 import json
 import math
 import os
@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from elias_retrieval.atomic import atomic_dir, write_json
+from elias_retrieval.atomic import StagedDir, atomic_dir, write_json
 from elias_retrieval.config import EliasConfig, ModelConfig, TrainConfig
 from elias_retrieval.data import Dataset, dataset_data_config, has_split, read_split
 from elias_retrieval.encoders import (
@@ -32,7 +32,7 @@ from elias_retrieval.encoders import (
 from elias_retrieval.evaluation import evaluate_split, predict
 from elias_retrieval.features import TfidfFeaturizer
 from elias_retrieval.frozen_encoders import FrozenBase, FrozenTransformer, FrozenTransformerEncoder, HybridEncoder
-from elias_retrieval.malloc import reuse_freed_memory
+from elias_retrieval.malloc import release_freed_memory, reuse_freed_memory
 from elias_retrieval.model import EliasModel
 from elias_retrieval.modeldir import TrainedModel, load_model_dir, save_model_dir
 from elias_retrieval.precision import PrecisionError, matmul_dtype
@@ -70,17 +70,18 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_encoder(cfg: EliasConfig, featurizer: TfidfFeaturizer) -> Encoder:
+def make_encoder(cfg: EliasConfig, featurizer: TfidfFeaturizer, num_labels: int) -> Encoder:
     m = cfg.model
+    dim = m.embedding_dim(num_labels)
     if m.encoder == "tfidf":
-        return TfidfEncoder(featurizer, m.dim)
+        return TfidfEncoder(featurizer, dim)
     if m.encoder in ("transformer", "frozen", "hybrid"):
         transformer = TransformerEncoder(m.transformer_path or default_transformer_path(), m.pooling, m.max_length)
         if m.encoder == "transformer":
             return transformer
         if m.encoder == "frozen":
-            return FrozenTransformerEncoder(FrozenTransformer(transformer), m.dim)
-        return HybridEncoder(TfidfEncoder(featurizer, m.dim), FrozenTransformer(transformer))
+            return FrozenTransformerEncoder(FrozenTransformer(transformer), dim)
+        return HybridEncoder(TfidfEncoder(featurizer, dim), FrozenTransformer(transformer))
     raise TrainingError(f"model.encoder must be tfidf, transformer, frozen or hybrid, got {m.encoder!r}")
 
 
@@ -287,7 +288,9 @@ class Trainer:
         self.dev_inputs: EncoderInputs | None = None
         self.dropouts: dict[str, float] = {}  # the embedding dropout each stage trained with
         self.timings: dict[str, float] = {}
-        self.writes = checkpoint.BackgroundWrites()  # checkpoints and model saves, beside the next epoch
+        self.writes = checkpoint.BackgroundWrites()  # checkpoints synced and swapped in beside the next epoch
+        self.last_checkpoint = time.perf_counter()  # when the last checkpoint was staged (or the run began)
+        self.unsaved_records: list[dict[str, Any]] = []  # history of the epochs since the last checkpoint
 
     # ---- setup ---------------------------------------------------------------------------------
     def _prepare(self, resume: bool) -> tuple[TfidfFeaturizer, TrainData]:
@@ -316,24 +319,16 @@ class Trainer:
         if self.group.active and self.cfg.train.threads == 0:
             torch.set_num_threads(distributed.threads_per_process(self.group))
 
-    def _save(self, model: EliasModel, data: TrainData, extra: dict[str, Any], background: bool = False) -> None:
-        """Write the model directory. `background`: from a copy of the model, beside training (the tf-idf
-        encoder's; the transformer encoders are written in the foreground), after any earlier write."""
+    def _save(self, model: EliasModel, data: TrainData, extra: dict[str, Any]) -> None:
+        """Write the model directory, from the live model (each file fsynced and swapped in before training goes
+        on: a copy to write from beside training would cost the model's size in memory)."""
         if not self.group.is_main:
             return
         t0 = time.perf_counter()
         meta = {"num_train": len(data.train), "empty_train_documents": data.empty_train, "timings": self.timings,
                 "embed_dropout": self.dropouts, **extra}
-        counts = torch.from_numpy(data.label_counts)
-        if background and isinstance(model.encoder, TfidfEncoder):
-            featurizer = model.encoder.featurizer  # fitted once, never changed by training: shared, not copied
-            snapshot = copy.deepcopy(model, memo={id(featurizer): featurizer})
-            self.writes.submit(save_model_dir, self.out_dir, snapshot, EliasConfig.from_dict(self.cfg.to_dict()),
-                               data.train.vocab, featurizer, counts, json.loads(json.dumps(meta)))
-        else:
-            self.writes.wait()
-            save_model_dir(self.out_dir, model, self.cfg, data.train.vocab, model_featurizer(model, self.featurizer),
-                           counts, meta)
+        save_model_dir(self.out_dir, model, self.cfg, data.train.vocab, model_featurizer(model, self.featurizer),
+                       torch.from_numpy(data.label_counts), meta)
         self._saving(t0)
 
     def _saving(self, t0: float) -> None:
@@ -351,8 +346,8 @@ class Trainer:
         try:
             return self._run(resume)
         except BaseException:
-            # Interrupted or failed: the checkpoint and model directory already handed to the writer still land
-            # (or fail on their own), so that --resume starts from the last finished epoch.
+            # Interrupted or failed: the checkpoints already staged still land (or fail on their own), so that
+            # --resume starts from the last one.
             with contextlib.suppress(Exception):
                 self.writes.wait()
             raise
@@ -375,10 +370,15 @@ class Trainer:
         reuse_freed_memory()
         t_start = time.perf_counter()
         self.featurizer, data = self._prepare(resume)
+        release_freed_memory()  # the tf-idf fit's working memory
         L = data.train.num_labels
         C = cfg.model.num_clusters(L)
         torch.manual_seed(cfg.train.seed)
-        encoder = make_encoder(cfg, self.featurizer)
+        encoder = make_encoder(cfg, self.featurizer, L)
+        if cfg.model.dim == 0:  # the width chosen by the label count, recorded
+            cfg.model.dim = cfg.model.embedding_dim(L)
+            if self.group.is_main:
+                write_json(self.out_dir / "config.json", cfg.to_dict())
         if isinstance(encoder, FrozenBase):
             encoder.set_cache(self.embedding_cache(), self.progress)
         if isinstance(encoder, TransformerEncoder):  # fine-tuned: its forward and backward in bf16 where native
@@ -398,6 +398,8 @@ class Trainer:
             Z = pifa(data.X_train, data.Y_train)
             partition = balanced_clusters(Z, C, seed=cfg.train.seed, progress=self.progress)
             model.set_partition(partition)
+            del Z
+            release_freed_memory()
             self.timings["stage0_s"] = time.perf_counter() - t0
             _log(f"stage 0: {C} clusters of {min(map(len, partition))}-{max(map(len, partition))} labels "
                  f"({self.timings['stage0_s']:.1f} s)", self.progress)
@@ -427,6 +429,10 @@ class Trainer:
         if stage == 1:
             self._run_stage(model, data, inputs, 1, progress_state, state_t, state_m)
             state_t, state_m = {}, {}
+            self.stage2_skipped = self._stage1_unconverged()
+            if self.stage2_skipped:
+                _log(f"stage 2 {self.stage2_skipped}", self.progress)
+        if stage == 1 and not self.stage2_skipped:
             t0 = time.perf_counter()
             ids, scores = top_clusters(
                 model, inputs, cfg.train.init_top_clusters, cfg.train.eval_batch_size, self.device
@@ -440,7 +446,8 @@ class Trainer:
                  f"({self.timings['graph_init_s']:.1f} s)", self.progress)
             progress_state = {"stage": 2, "epoch": 0, "history": self.history,
                               "best_metric": progress_state.get("best_metric", -1.0)}
-        self._run_stage(model, data, inputs, 2, progress_state, state_t, state_m)
+        if not self.stage2_skipped:
+            self._run_stage(model, data, inputs, 2, progress_state, state_t, state_m)
         self._wait_for_writes()  # what follows reads the model directory
         if self.group.is_main and not (self.out_dir / "model.json").exists():
             # stage2_epochs=0: the stage-1 model with A initialised
@@ -450,6 +457,11 @@ class Trainer:
             return None
         self._solo_threads()
         if cfg.train.reranker:
+            # The ranker reads the selected model back from disk: the trained one (and its optimiser state, gone
+            # with the stage) would only hold memory meanwhile.
+            del model, enc, inputs
+            gc.collect()
+            release_freed_memory()
             self._train_reranker(data)
         self.timings["total_s"] = time.perf_counter() - t_start + progress_state.get("elapsed_before_s", 0.0)
         best = self.out_dir / "model.json"
@@ -544,7 +556,7 @@ class Trainer:
             if improved or (not has_dev and last and stage == 2):
                 best_metric = max(best_metric, metric)
                 self._save(model, data, {"selected": {"stage": stage, "epoch": epoch + 1, t.select_metric: metric},
-                                         "history": self.history}, background=True)
+                                         "history": self.history})
             stale = 0 if improved else stale + ("dev" in record and not grace)
             grace = grace and "dev" not in record
             # Dev early stopping: a stage ends once `patience` evaluations in a row did not improve on the best,
@@ -559,15 +571,28 @@ class Trainer:
                 grace = True
             progress = {"stage": stage, "epoch": epochs if stopped else epoch + 1, "best_metric": best_metric,
                         "stale": stale, "grace": grace, "history": self.history, "timings": self.timings}
-            if self.group.is_main:
+            self.unsaved_records.append(json.loads(json.dumps(record)))
+            due = time.perf_counter() - self.last_checkpoint >= 60 * t.checkpoint_minutes
+            if self.group.is_main and (due or last or stopped):
                 t0 = time.perf_counter()
-                self.writes.submit(self._write_epoch, *checkpoint.snapshot_state(model, opts, scheds, progress),
-                                   json.loads(json.dumps(record)))
+                staged = checkpoint.stage_state(self.out_dir, model, opts, scheds, progress)
+                self.writes.submit(self._commit_epoch, staged, self.unsaved_records)
+                self.unsaved_records, self.last_checkpoint = [], time.perf_counter()
                 self._saving(t0)
             if stopped:
                 break
         progress_state["epoch"] = epochs
         progress_state["best_metric"] = best_metric
+
+    def _stage1_unconverged(self) -> str:
+        """Why stage 2 is skipped (`train.stage2_after_convergence`), or "" when it runs: stage 1's last dev
+        evaluation beat every earlier one, so its epoch budget, not convergence, ended it."""
+        t = self.cfg.train
+        evals = [r["dev"][t.select_metric] for r in self.history if r["stage"] == 1 and "dev" in r]
+        if not t.stage2_after_convergence or t.stage2_epochs == 0 or len(evals) < 2 or evals[-1] <= max(evals[:-1]):
+            return ""
+        return (f"skipped: stage 1 was still improving at its last epoch (dev {t.select_metric} {max(evals[:-1]):.2f} "
+                f"before it, {evals[-1]:.2f} after it), not converged")
 
     def _selected_name(self) -> str:
         """'stage S epoch E' of the model selected on dev so far (the last record that improved the metric)."""
@@ -594,6 +619,8 @@ class Trainer:
         cluster_init(model, model.W_L.detach().float(), partition, float(model.W_C.detach().norm(dim=1).mean()))
         for p in (model.W_C, model.b_C):
             dense.state.pop(p, None)
+        del centroids, Z
+        release_freed_memory()  # the clustering's working memory, before stage 1 goes on beside it
         self.group.broadcast_module(model)
         self.timings["recluster_s"] = time.perf_counter() - t0
         _log(f"labels clustered again on the embeddings and PIFA ({self.timings['recluster_s']:.1f} s)",
@@ -689,10 +716,12 @@ class Trainer:
         meta["reranker"] = report
         write_json(meta_path, meta)
 
-    def _write_epoch(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], record: dict[str, Any]) -> None:
-        """The checkpoint of a finished epoch, then its line of history.jsonl (a resumed epoch is logged once)."""
-        checkpoint.write_state(self.out_dir, tensors, meta)
-        self._append_history(record)
+    def _commit_epoch(self, staged: StagedDir, records: list[dict[str, Any]]) -> None:
+        """Put a staged checkpoint in place, then the lines of history.jsonl of the epochs it holds (those after
+        the last checkpoint: an epoch that a resume runs again is logged once)."""
+        staged.commit()
+        for record in records:
+            self._append_history(record)
 
     def _append_history(self, record: dict[str, Any]) -> None:
         with open(self.out_dir / "history.jsonl", "a") as f:

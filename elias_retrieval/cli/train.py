@@ -32,7 +32,8 @@ def train(
         Path | None, typer.Option(help="JSON config file (sections data, features, model, train).")
     ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: section.key=value.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in MODEL_DIR from its last epoch.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in MODEL_DIR from its last checkpoint "
+                                         "(written at each stage's end and every train.checkpoint_minutes).")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
     nproc: Annotated[int, typer.Option(
         help="Train data-parallel in N processes on this machine (torch.distributed: gloo on the CPU, nccl with one "
