@@ -355,7 +355,9 @@ class Trainer:
     def _run(self, resume: bool) -> TrainedModel | None:
         cfg = self.cfg
         if resume and not checkpoint.has_state(self.out_dir):
-            raise TrainingError(f"{self.out_dir}: nothing to resume (no {checkpoint.STATE_DIR}/)")
+            raise TrainingError(f"{self.out_dir}: nothing to resume (no {checkpoint.STATE_DIR}/: a checkpoint is "
+                                "written at each stage's end and every train.checkpoint_minutes); train again without "
+                                "--resume")
         if not resume and checkpoint.has_state(self.out_dir):
             raise TrainingError(
                 f"{self.out_dir} already holds a training run: pass --resume, or choose a new directory"
