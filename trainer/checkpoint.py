@@ -70,8 +70,8 @@ def stage_state(
 
 class BackgroundWrites:
     """Writes that run one after another, in order, on one thread beside training: an epoch's staged checkpoint
-    is fsynced and swapped in while the next epoch trains. `wait` returns once all submitted
-    writes are done and raises the first one's error; `submit` raises an earlier write's error too."""
+    is fsynced and swapped in while the next epoch trains. `wait` returns once all submitted writes are done and
+    raises the first one's error; `submit` raises an earlier write's error too."""
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="elias-writes")
