@@ -112,16 +112,15 @@ class StagedDir:
     `path` is unchanged; `discard` removes the new version instead (a killed process's is removed as a leftover).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path) -> None:  # through `staged_dir`, which names `path` in disk errors
         self.path = Path(path)
-        with _naming(self.path):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            clean_leftovers(self.path)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.{os.getpid()}-", suffix=".tmp",
-                                             dir=self.path.parent))
-            self._lock: int | None = os.open(self.tmp, os.O_RDONLY)
-            with contextlib.suppress(OSError):  # marks it in use for writers in other PID namespaces (advisory)
-                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(self.path)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.{os.getpid()}-", suffix=".tmp",
+                                         dir=self.path.parent))
+        self._lock: int | None = os.open(self.tmp, os.O_RDONLY)
+        with contextlib.suppress(OSError):  # marks it in use for writers in other PID namespaces (advisory)
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def commit(self) -> None:
         """fsync the new version and put it at `path` (the previous version is deleted)."""

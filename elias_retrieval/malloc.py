@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import sys
 from collections.abc import Callable
+from typing import Any
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -24,16 +25,21 @@ M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 
 
-def _mallopt() -> Callable[[int, int], int] | None:
-    """glibc's `mallopt`, or None where the C library is not glibc."""
+def _glibc(name: str, argtypes: list[Any]) -> Callable[..., int] | None:
+    """The C library's function `name` (returning an int), or None where the C library is not glibc."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return fn
+    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+def _mallopt() -> Callable[[int, int], int] | None:
+    """glibc's `mallopt`, or None where the C library is not glibc."""
+    return _glibc("mallopt", [ctypes.c_int, ctypes.c_int])
 
 
 def reuse_freed_memory() -> bool:
@@ -58,12 +64,8 @@ def release_freed_memory() -> bool:
     """Give the memory freed so far back to the kernel (glibc `malloc_trim`): after `reuse_freed_memory` nothing
     else does, and a phase that allocates differently (the ELIAS++ ranker after the training stages) would
     otherwise run beside the last one's freed heap. Returns False where nothing was done (not glibc)."""
-    if not sys.platform.startswith("linux"):
+    trim = _glibc("malloc_trim", [ctypes.c_size_t])
+    if trim is None:
         return False
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     trim(0)
     return True

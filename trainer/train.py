@@ -376,11 +376,11 @@ class Trainer:
         L = data.train.num_labels
         C = cfg.model.num_clusters(L)
         torch.manual_seed(cfg.train.seed)
-        encoder = make_encoder(cfg, self.featurizer, L)
         if cfg.model.dim == 0:  # the width chosen by the label count, recorded
             cfg.model.dim = cfg.model.embedding_dim(L)
             if self.group.is_main:
                 write_json(self.out_dir / "config.json", cfg.to_dict())
+        encoder = make_encoder(cfg, self.featurizer, L)
         if isinstance(encoder, FrozenBase):
             encoder.set_cache(self.embedding_cache(), self.progress)
         if isinstance(encoder, TransformerEncoder):  # fine-tuned: its forward and backward in bf16 where native
