@@ -253,6 +253,10 @@ class EliasConfig:
         if key == "reranker_depth" and value != 0 and value < 100:
             raise ConfigError(f"{section}.{key} must be 0 (chosen on dev) or at least 100 (the answer is the "
                               f"re-ordered list's top 100), got {value!r}")
+        if (section, key) == ("model", "dim") and value < 0:
+            raise ConfigError(f"{section}.{key} must be 0 (by the label count) or a positive width, got {value!r}")
+        if key == "checkpoint_minutes" and value < 0:
+            raise ConfigError(f"{section}.{key} must be at least 0 (0 = after every epoch), got {value!r}")
         if key == "recluster_fraction" and not 0.0 <= value < 1.0:
             raise ConfigError(f"{section}.{key} must be in [0, 1) (0 = never), got {value!r}")
         if key == "reranker_deep_from" and value < 1:

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from elias_retrieval.cli import index, serve, train  # noqa: F401  (registers the verbs on `app`)
 from elias_retrieval.cli.app import app
-from elias_retrieval.config import EliasConfig
+from elias_retrieval.config import ConfigError, EliasConfig
 from elias_retrieval.data import read_split
 from elias_retrieval.model import EliasModel
 from elias_retrieval.modeldir import load_model_dir
@@ -565,6 +565,10 @@ def test_the_default_width_grows_with_the_label_count_and_is_recorded(bibtex, tm
     assert widths == [512, 512, 512, 576, 704, 768, 768]
     assert all(w % 64 == 0 for w in widths)
     assert EliasConfig().with_overrides(["model.dim=96"]).model.embedding_dim(1_000_000) == 96
+    with pytest.raises(ConfigError, match="model.dim must be 0 .by the label count. or a positive width"):
+        EliasConfig().with_overrides(["model.dim=-5"])
+    with pytest.raises(ConfigError, match="checkpoint_minutes must be at least 0"):
+        EliasConfig().with_overrides(["train.checkpoint_minutes=-1"])
 
     out = tmp_path / "model"
     trained = run_training(bibtex, out, EliasConfig().with_overrides(
