@@ -33,7 +33,13 @@ from elias_retrieval.evaluation import predict  # noqa: E402
 from elias_retrieval.metrics import evaluate  # noqa: E402
 from elias_retrieval.modeldir import load_model_dir  # noqa: E402
 from elias_retrieval.reranker import SparseRanker  # noqa: E402
-from trainer.reranker import candidates, choose_pruning, fit_labels_reference, train_ranker  # noqa: E402
+from trainer.reranker import (  # noqa: E402
+    candidates,
+    choose_pruning,
+    deep_keep_rate,
+    fit_labels_reference,
+    train_ranker,
+)
 from trainer.train import load_data  # noqa: E402
 
 SECTION = "## ELIAS++ ranker: fit and depth"
@@ -68,8 +74,8 @@ def main() -> None:
     ap.add_argument("data", type=Path, nargs="?", help="its dataset directory (train, dev and test splits)")
     ap.add_argument("--depths", default="100,200,300", help="re-rank depths, comma-separated")
     ap.add_argument("--deep-keeps", default="1.0",
-                    help="rates at which negatives ranked below 100 are kept (train.reranker_deep_keep), "
-                         "comma-separated; each is fitted at each depth above 100")
+                    help="rates at which the deep negatives are kept (train.reranker_deep_keep; 0: the budget by "
+                         "the depth), comma-separated; each is fitted at each depth above 100")
     ap.add_argument("--deep-from", type=int, default=0,
                     help="the rank from which negatives are sampled (train.reranker_deep_from; 0: the model's); "
                          "with it, the keep rates are fitted at depth 100 too")
@@ -118,7 +124,9 @@ def main() -> None:
     deep_from = args.deep_from or t.reranker_deep_from
     for d in depths:
         for k in keeps if d > deep_from else [1.0]:
-            kept = "" if k == 1.0 else f", negatives from rank {deep_from} kept at {k:g}"
+            rate = deep_keep_rate(k, d, deep_from)
+            kept = "" if rate == 1.0 else f", negatives from rank {deep_from} kept at {rate:.2g}" + (
+                " (the budget)" if k == 0 else "")
             fits.append((f"batched solver, depth {d}{kept}", d, k, False))
     for name, depth, keep, ref in fits:
         t0 = time.perf_counter()

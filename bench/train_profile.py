@@ -165,7 +165,8 @@ def main() -> None:
     lines = [
         f"Machine: {machine()}. Date: {today()}. Command: `{command_line()}`.",
         "",
-        f"Dataset `{args.data.name}`: N = {len(inputs):,} training points, L = {L:,}, C = {C}, d = {cfg.model.dim}, "
+        f"Dataset `{args.data.name}`: N = {len(inputs):,} training points, L = {L:,}, C = {C}, "
+        f"d = {cfg.model.embedding_dim(L)}, "
         f"batch {B}, shortlist {cfg.model.shortlist_size}, kappa {model.kappa} in stage 2; torch threads "
         f"{torch.get_num_threads()}; label-classifier products in {bf16} ({new_api}). Reading and tf-idf took "
         f"{load_s:.0f} s. Each stage: {args.warmup} warm-up steps, then {args.steps} timed steps, then {args.steps} "

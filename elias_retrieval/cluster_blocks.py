@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from elias_retrieval.row_gather import distinct, fused_route_applies, gather_rows
+
 _MIN_ROWS = 8  # a bucket's fewest rows per cluster: smaller products cost their call, not their arithmetic
 # The block route is taken when its padded products are at most this fraction of the dense (B, L) one; above it
 # (stage 2's kappa slots per cluster, tiny L) one dense GEMM is faster.
@@ -27,8 +29,8 @@ def cluster_block_logits(emb: Tensor, clusters: Tensor, A_ids: Tensor, W_L: Tens
     """w_l . phi (no bias) for every slot of each row's beam clusters: (B, beam * kappa), in the order of
     `expand`'s candidates (cluster by cluster, slot by slot), float32 and differentiable in `emb` and `W_L`.
 
-    `clusters` (B, beam) are distinct per row; pad slots of A (id L) get the logit of label 0, to be masked by the
-    caller. `dtype` is the products' input type (bf16 where the hardware has it).
+    `clusters` (B, beam) are distinct per row; pad slots of A (id L) get a logit to be masked by the caller (and
+    no gradient). `dtype` is the products' input type (bf16 where the hardware has it).
     """
     B, beam = clusters.shape
     C, kappa = A_ids.shape
@@ -51,18 +53,25 @@ def cluster_block_logits(emb: Tensor, clusters: Tensor, A_ids: Tensor, W_L: Tens
         table = torch.zeros(int(bucket_rows.sum()), dtype=torch.long, device=device)  # padding: row 0
         table[table_pos] = torch.arange(B, device=device).repeat_interleave(beam)
         labels = A_ids.index_select(0, cluster_order).reshape(-1)
-        labels = torch.where(labels >= W_L.shape[0], torch.zeros_like(labels), labels)
         sizes, n_clusters = torch.unique_consecutive(bucket_rows, return_counts=True)
-    # Each used cluster's labels once, cast on the narrower side: a wide W_L (fp32 to bf16 in training) is cast
-    # first, a compact one (an index's fp16 or int8, widened to fp32) only in its gathered rows.
-    if W_L.element_size() > torch.empty((), dtype=dtype).element_size():
-        W = W_L.to(dtype).index_select(0, labels)
+    counts_c, counts_r = n_clusters.tolist(), (sizes * n_clusters).tolist()
+    label_parts = labels.split([n * kappa for n in counts_c])
+    # Each used cluster's labels once, as one piece per bucket.
+    if (W_L.requires_grad and torch.is_grad_enabled() and fused_route_applies(W_L, dtype)
+            and distinct(labels, W_L.shape[0])):
+        W_parts = gather_rows(W_L, list(label_parts), dtype)  # training under a partition: one pass each way
     else:
-        W = W_L.index_select(0, labels).to(dtype)
+        # Cast on the narrower side: a wide W_L (fp32 to bf16) is cast first, a compact one (an index's fp16 or
+        # int8, widened to fp32) only in its gathered rows.
+        labels = torch.where(labels >= W_L.shape[0], torch.zeros_like(labels), labels)
+        if W_L.element_size() > torch.empty((), dtype=dtype).element_size():
+            W = W_L.to(dtype).index_select(0, labels)
+        else:
+            W = W_L.index_select(0, labels).to(dtype)
+        W_parts = W.split([n * kappa for n in counts_c])  # split, not slicing: a slice's backward fills a zero
+        # tensor of the whole input per slice
     E = emb.to(dtype).index_select(0, table)
     d = emb.shape[1]
-    counts_c, counts_r = n_clusters.tolist(), (sizes * n_clusters).tolist()
-    # split, not slicing: a slice's backward fills a zero tensor of the whole input per slice
     out = [torch.bmm(e.view(n, -1, d), w.view(n, kappa, d).transpose(1, 2)).view(-1, kappa)
-           for e, w, n in zip(E.split(counts_r), W.split([n * kappa for n in counts_c]), counts_c, strict=True)]
+           for e, w, n in zip(E.split(counts_r), W_parts, counts_c, strict=True)]
     return torch.cat(out).float().index_select(0, table_pos).view(B, beam * kappa)

@@ -153,8 +153,11 @@ class TrainConfig:
     reranker_depth: int = 0
     # Each negative the ranker trains on at rank `reranker_deep_from` or deeper is kept at this rate and its loss
     # weighted by the inverse (1 = every one): the fit costs in proportion to its pairs, and the deep negatives are
-    # the many easy ones. Rank 50 leaves the top 50, where P@k is decided, whole, and applies at depth 100 as at 300.
-    reranker_deep_keep: float = 0.5
+    # the many easy ones. Rank 50 leaves the top 50, where P@k is decided, whole. 0 = a budget: as many deep
+    # negatives per training point, in expectation, as half the unsampled top (25 of the ranks from 50 to the depth),
+    # so that the deep window's fit costs about the same at any depth, but no fewer than a quarter of them (a kept
+    # negative's loss weight at most 4): trainer/reranker.deep_keep_rate, 0.5 at depth 100, 0.25 at depth 300.
+    reranker_deep_keep: float = 0.0
     reranker_deep_from: int = 50
     # Ranker weights below the threshold's magnitude are pruned: the dev split picks one of these thresholds
     # together with the fusion weight (without a dev split: the largest, the smallest ranker).
@@ -261,8 +264,8 @@ class EliasConfig:
             raise ConfigError(f"{section}.{key} must be in [0, 1) (0 = never), got {value!r}")
         if key == "reranker_deep_from" and value < 1:
             raise ConfigError(f"{section}.{key} must be at least 1, got {value!r}")
-        if key == "reranker_deep_keep" and not 0.0 < value <= 1.0:
-            raise ConfigError(f"{section}.{key} must be in (0, 1], got {value!r}")
+        if key == "reranker_deep_keep" and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{section}.{key} must be in [0, 1] (0 = a budget by the depth), got {value!r}")
         if key == "reranker_thresholds" and (not value or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)):
             raise ConfigError(f"{section}.{key} must be a non-empty list of numbers >= 0, got {value!r}")

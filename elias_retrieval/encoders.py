@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from elias_retrieval import sparse_projection
 from elias_retrieval.atomic import write_json, write_safetensors
 from elias_retrieval.data import Dataset
 from elias_retrieval.features import TfidfFeaturizer
@@ -142,12 +143,16 @@ class TfidfEncoder(Encoder):
         return SparseInputs(self.featurizer.transform(data))
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        rows = self.proj(batch["features"])  # (U, d): each distinct feature once
-        n_docs = batch["crow"].shape[0] - 1
-        X = torch.sparse_csr_tensor(
-            batch["crow"], batch["col"], batch["values"], size=(n_docs, rows.shape[0]), check_invariants=False
-        )
-        h = X @ rows + self.bias
+        P = self.proj.weight
+        if P.requires_grad and torch.is_grad_enabled() and sparse_projection.fused_route_applies(P, batch):
+            h = sparse_projection.project(P, batch) + self.bias  # training on the CPU: P read in place
+        else:
+            rows = self.proj(batch["features"])  # (U, d): each distinct feature once
+            n_docs = batch["crow"].shape[0] - 1
+            X = torch.sparse_csr_tensor(
+                batch["crow"], batch["col"], batch["values"], size=(n_docs, rows.shape[0]), check_invariants=False
+            )
+            h = X @ rows + self.bias
         return h + self.hidden(nn.functional.gelu(h))
 
     def sparse_params(self) -> list[nn.Parameter]:

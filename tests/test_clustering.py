@@ -42,7 +42,8 @@ def test_joint_features_weigh_the_embedding_and_pifa_halves_alike():
     dense = rng.random((5, 7)).astype(np.float32) * (rng.random((5, 7)) < 0.5)
     dense[:, 0] += 0.1  # every label has a PIFA row
     Z = sp.csr_matrix(dense / np.linalg.norm(dense, axis=1, keepdims=True))
-    J = joint_features(phi, Z).toarray()
+    joint = joint_features(phi, Z.copy())
+    J = np.hstack([joint.dense, joint.sparse.toarray()])
     assert J.shape == (5, 11)
     for i in range(4):  # a label with both halves: unit rows, each half of norm 1/sqrt(2), directions kept
         np.testing.assert_allclose(np.linalg.norm(J[i, :4]), 2 ** -0.5, rtol=1e-5)

@@ -63,12 +63,25 @@ def test_config_refuses_a_reranker_depth_below_the_answer():
 
 def test_config_takes_a_deep_keep_rate_in_zero_to_one():
     assert EliasConfig().with_overrides(["train.reranker_deep_keep=1"]).train.reranker_deep_keep == 1.0
-    for bad in ("0", "1.5", "-0.2"):
+    assert EliasConfig().train.reranker_deep_keep == 0.0  # the budget by the depth
+    for bad in ("1.5", "-0.2"):
         with pytest.raises(ConfigError, match="reranker_deep_keep must be in"):
             EliasConfig().with_overrides([f"train.reranker_deep_keep={bad}"])
     assert EliasConfig().with_overrides(["train.reranker_deep_from=50"]).train.reranker_deep_from == 50
     with pytest.raises(ConfigError, match="reranker_deep_from must be at least 1"):
         EliasConfig().with_overrides(["train.reranker_deep_from=0"])
+
+
+def test_the_deep_negatives_budget_holds_at_any_depth_down_to_a_quarter():
+    from trainer.reranker import deep_keep_rate
+
+    assert deep_keep_rate(0.3, 300, 50) == 0.3  # a configured rate is kept
+    for depth in (100, 150):
+        rate = deep_keep_rate(0.0, depth, 50)
+        assert rate * (depth - 50) == pytest.approx(25)  # 25 deep negatives per point, in expectation
+    assert deep_keep_rate(0.0, 100, 50) == 0.5
+    assert deep_keep_rate(0.0, 300, 50) == deep_keep_rate(0.0, 1000, 50) == 0.25  # loss weights at most 4
+    assert deep_keep_rate(0.0, 60, 50) == 1.0  # a window that small keeps every one
 
 
 def _dev_lists(n: int, positive_ranks: list[int], depth: int = 300) -> tuple[np.ndarray, sp.csr_matrix]:

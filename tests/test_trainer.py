@@ -409,6 +409,45 @@ def test_a_stage_ends_when_dev_stops_improving_and_the_best_epoch_is_kept(bibtex
     assert meta["selected"] == {"stage": 2, "epoch": 1, "P@5": 20.0}
 
 
+def test_the_best_model_waits_in_memory_until_a_checkpoint_and_is_written_once(bibtex, tmp_path, monkeypatch):
+    """Between checkpoints the best model is a copy in memory: an epoch that beats it first means it is never
+    written, and the model directory still ends with the best epoch's tensors, as when every best is written."""
+    saves: list[int] = []
+    real_save = train_module.save_model_dir
+
+    def save(directory, model, *args):
+        saves.append(args[-1]["selected"]["epoch"])
+        return real_save(directory, model, *args)
+
+    monkeypatch.setattr(train_module, "save_model_dir", save)
+    runs = {}
+    for minutes in (0, 60):
+        saves.clear()
+        with monkeypatch.context() as m:
+            _scripted_dev(m, [10.0, 12.0, 11.0])  # epoch 2 is the best; epoch 3 (the last) is not
+            cfg = EliasConfig().with_overrides([*TINY, "train.stage1_epochs=3", "train.stage2_epochs=0",
+                                                "train.reranker=false", "train.recluster_fraction=0",
+                                                f"train.checkpoint_minutes={minutes}"])
+            run_training(bibtex, tmp_path / str(minutes), cfg, progress=False)
+        runs[minutes] = list(saves)
+    assert runs[0] == [1, 2]  # a checkpoint after every epoch: each best written at once
+    assert runs[60] == [2]  # epoch 1's best was replaced in memory before anything wrote it
+    _assert_same_tensors(tmp_path / "0", tmp_path / "60")
+    assert json.loads((tmp_path / "60" / "model.json").read_text())["selected"]["epoch"] == 2
+
+
+def test_an_interrupted_run_writes_the_best_model_it_held(bibtex, tmp_path, monkeypatch):
+    cfg = EliasConfig().with_overrides([*TINY, "train.checkpoint_minutes=60"])
+    out = tmp_path / "m"
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        _interrupt_loss_at(m, 1, HELD_OUT_STEPS_PER_EPOCH + 3)  # in epoch 2 of stage 1: epoch 1's model is held
+        run_training(bibtex, out, cfg, progress=False)
+    assert not (out / "train_state").exists()
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["selected"]["stage"] == 1 and meta["selected"]["epoch"] == 1
+    assert load_model_dir(out).model.num_labels > 0
+
+
 def test_the_evaluation_after_a_re_clustering_does_not_count_against_patience(bibtex, tmp_path, monkeypatch):
     # Re-clustered after epoch 3 of 6 (W_C starts over): the dip at epoch 4 is forgiven, the one at 5 ends stage 1.
     steps = _scripted_dev(monkeypatch, [10.0, 11.0, 12.0, 11.0, 11.5, 20.0])

@@ -8,11 +8,12 @@ its moments once, where the tensor version makes a temporary copy of them for ev
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import torch
 from numba import njit, prange
 from torch import Tensor
+
+from elias_retrieval.kernel_threads import torch_sized_pool
 
 
 def _rows_and_values(g: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,15 +71,11 @@ class RowAdam(torch.optim.Optimizer):
                 st["step"] += 1
                 t = float(st["step"])
                 if _fused(p, st):
-                    previous = numba.get_num_threads()
-                    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
                     f32 = np.float32
-                    try:
+                    with torch_sized_pool():
                         _fused_rows(p.detach().numpy(), st["exp_avg"].numpy(), st["exp_avg_sq"].numpy(),
                                     idx.contiguous().numpy(), gv.contiguous().numpy(), f32(b1), f32(b2),
                                     f32(group["lr"] / (1 - b1**t)), f32(1 - b2**t), f32(group["eps"]))
-                    finally:
-                        numba.set_num_threads(previous)
                 else:
                     _step_tensors(p, st, idx, gv, b1, b2, t, group["lr"], group["eps"])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import json
 import math
@@ -42,7 +43,7 @@ from trainer.clustering import balanced_clusters, joint_features, pifa
 from trainer.graph_init import cluster_affinity, init_graph
 from trainer.label_init import centroid_init, cluster_init, label_centroids
 from trainer.optim import RowAdam
-from trainer.reranker import DEEP_DEPTH, SHALLOW_DEPTH, choose_depth, choose_pruning, train_ranker
+from trainer.reranker import DEEP_DEPTH, SHALLOW_DEPTH, choose_depth, choose_pruning, deep_keep_rate, train_ranker
 
 console = Console(stderr=True)
 
@@ -291,6 +292,10 @@ class Trainer:
         self.writes = checkpoint.BackgroundWrites()  # checkpoints synced and swapped in beside the next epoch
         self.last_checkpoint = time.perf_counter()  # when the last checkpoint was staged (or the run began)
         self.unsaved_records: list[dict[str, Any]] = []  # history of the epochs since the last checkpoint
+        # The best model so far when it is not on disk yet: a copy in memory and its metadata, written at the next
+        # checkpoint or the stage's end (when a later epoch beats it first, it is never written).
+        self.best_copy: EliasModel | None = None
+        self.unsaved_best: tuple[TrainData, dict[str, Any]] | None = None
 
     # ---- setup ---------------------------------------------------------------------------------
     def _prepare(self, resume: bool) -> tuple[TfidfFeaturizer, TrainData]:
@@ -331,6 +336,31 @@ class Trainer:
                        torch.from_numpy(data.label_counts), meta)
         self._saving(t0)
 
+    def _hold_best(self, model: EliasModel, data: TrainData, extra: dict[str, Any]) -> None:
+        """Keep the model as the best so far in memory (a copy beside training), to be written by `_flush_best`:
+        a model directory costs seconds per GB to write, a copy a fraction of a second, and while dev keeps
+        improving each epoch's best is replaced before it would have been read."""
+        if not self.group.is_main:
+            return
+        t0 = time.perf_counter()
+        if self.best_copy is None or [v.shape for v in self.best_copy.state_dict().values()] != [
+                v.shape for v in model.state_dict().values()]:
+            self.best_copy = None
+            shared = {id(m.featurizer): m.featurizer for m in model.modules() if hasattr(m, "featurizer")}
+            self.best_copy = copy.deepcopy(model, memo=shared)
+        else:
+            with torch.no_grad():
+                for mine, live in zip(self.best_copy.state_dict().values(), model.state_dict().values(), strict=True):
+                    mine.copy_(live)
+        self.unsaved_best = (data, extra)
+        self._saving(t0)
+
+    def _flush_best(self) -> None:
+        """Write the best model held in memory, if one is waiting."""
+        if self.unsaved_best is not None and self.best_copy is not None:
+            self._save(self.best_copy, *self.unsaved_best)
+        self.unsaved_best = None
+
     def _saving(self, t0: float) -> None:
         """Count the time since t0 as the foreground's share of writing checkpoints and model directories."""
         self.timings["saving_s"] = self.timings.get("saving_s", 0.0) + time.perf_counter() - t0
@@ -347,9 +377,11 @@ class Trainer:
             return self._run(resume)
         except BaseException:
             # Interrupted or failed: the checkpoints already staged still land (or fail on their own), so that
-            # --resume starts from the last one.
+            # --resume starts from the last one; the best model so far is written if it was only in memory.
             with contextlib.suppress(Exception):
                 self.writes.wait()
+            with contextlib.suppress(Exception):
+                self._flush_best()
             raise
 
     def _run(self, resume: bool) -> TrainedModel | None:
@@ -555,10 +587,16 @@ class Trainer:
                 _log(f"stage 2 {self.stage2_skipped}: that model is kept", self.progress)
             metric = record.get("dev", {}).get(t.select_metric, -1.0)
             improved = "dev" in record and metric > best_metric
+            due = time.perf_counter() - self.last_checkpoint >= 60 * t.checkpoint_minutes
             if improved or (not has_dev and last and stage == 2):
                 best_metric = max(best_metric, metric)
-                self._save(model, data, {"selected": {"stage": stage, "epoch": epoch + 1, t.select_metric: metric},
-                                         "history": self.history})
+                extra = {"selected": {"stage": stage, "epoch": epoch + 1, t.select_metric: metric},
+                         "history": list(self.history)}
+                if last or due:  # written now, from the live model
+                    self.unsaved_best = None
+                    self._save(model, data, extra)
+                else:
+                    self._hold_best(model, data, extra)
             stale = 0 if improved else stale + ("dev" in record and not grace)
             grace = grace and "dev" not in record
             # Dev early stopping: a stage ends once `patience` evaluations in a row did not improve on the best,
@@ -574,8 +612,8 @@ class Trainer:
             progress = {"stage": stage, "epoch": epochs if stopped else epoch + 1, "best_metric": best_metric,
                         "stale": stale, "grace": grace, "history": self.history, "timings": self.timings}
             self.unsaved_records.append(json.loads(json.dumps(record)))
-            due = time.perf_counter() - self.last_checkpoint >= 60 * t.checkpoint_minutes
             if self.group.is_main and (due or last or stopped):
+                self._flush_best()  # the checkpoint's best_metric names the model on disk
                 t0 = time.perf_counter()
                 staged = checkpoint.stage_state(self.out_dir, model, opts, scheds, progress)
                 self.writes.submit(self._commit_epoch, staged, self.unsaved_records)
@@ -583,6 +621,8 @@ class Trainer:
                 self._saving(t0)
             if stopped:
                 break
+        self._flush_best()
+        self.best_copy = None
         progress_state["epoch"] = epochs
         progress_state["best_metric"] = best_metric
 
@@ -678,9 +718,11 @@ class Trainer:
                          inputs=encoder_inputs(enc, data.X_train, data.train))
         seconds = {"shortlists": time.perf_counter() - t0}
         n_jobs = max(1, t.threads or torch.get_num_threads())
+        deep_keep = deep_keep_rate(t.reranker_deep_keep, depth, t.reranker_deep_from)
+        report["deep_keep"] = round(deep_keep, 4)
         floor = min(t.reranker_thresholds)  # fitted once, keeping every weight any threshold could keep
         ranker = train_ranker(data.X_train, data.Y_train, ids, t.reranker_c, floor, n_jobs=n_jobs,
-                              progress=self.progress, seed=t.seed, deep_keep=t.reranker_deep_keep,
+                              progress=self.progress, seed=t.seed, deep_keep=deep_keep,
                               deep_from=t.reranker_deep_from)
         seconds["fit"] = time.perf_counter() - t0 - seconds["shortlists"]
         threshold = max(t.reranker_thresholds)
@@ -699,7 +741,7 @@ class Trainer:
                 ranker = train_ranker(sp.vstack([data.X_train, X_dev], format="csr"),
                                       sp.vstack([data.Y_train, data.dev.known_labels()], format="csr"),
                                       np.concatenate([ids, dev_ids]), t.reranker_c, floor, n_jobs=n_jobs,
-                                      progress=self.progress, seed=t.seed, deep_keep=t.reranker_deep_keep,
+                                      progress=self.progress, seed=t.seed, deep_keep=deep_keep,
                                       deep_from=t.reranker_deep_from)
             ranker.fusion_weight = weight
         ranker = ranker.pruned(threshold)
