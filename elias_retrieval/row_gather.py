@@ -20,10 +20,20 @@ from torch import Tensor
 from elias_retrieval.kernel_threads import torch_sized_pool
 
 
+@njit(inline="always")
+def _bf16_bits(u):  # pragma: no cover - compiled
+    """A float32's bit pattern rounded to bf16's (nearest even; NaN stays NaN), in the low 16 bits."""
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return np.uint32(0x7FC0)
+    return (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+
+
 @njit(parallel=True, cache=True)
-def _gather_bf16(src, labels, out):  # pragma: no cover - compiled
-    """out[i] = bf16(src[labels[i]]) (bit patterns), zero where labels[i] is out of range (a pad slot)."""
+def _gather(src, labels, out):  # pragma: no cover - compiled
+    """out[i] = src[labels[i]] (bit patterns, rounded to bf16 when `out` is 16-bit), zero where labels[i] is out
+    of range (a pad slot)."""
     n, d = src.shape
+    narrow = out.itemsize < src.itemsize
     for i in prange(labels.shape[0]):
         lab = labels[i]
         if lab < 0 or lab >= n:
@@ -31,25 +41,7 @@ def _gather_bf16(src, labels, out):  # pragma: no cover - compiled
                 out[i, j] = 0
             continue
         for j in range(d):
-            u = src[lab, j]
-            if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-                out[i, j] = np.uint16(0x7FC0)
-            else:
-                out[i, j] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-
-
-@njit(parallel=True, cache=True)
-def _gather_same(src, labels, out):  # pragma: no cover - compiled
-    """out[i] = src[labels[i]], zero where labels[i] is out of range."""
-    n, d = src.shape
-    for i in prange(labels.shape[0]):
-        lab = labels[i]
-        if lab < 0 or lab >= n:
-            for j in range(d):
-                out[i, j] = 0
-            continue
-        for j in range(d):
-            out[i, j] = src[lab, j]
+            out[i, j] = _bf16_bits(src[lab, j]) if narrow else src[lab, j]
 
 
 @njit(parallel=True, cache=True)
@@ -62,26 +54,17 @@ def _zero_uncovered(grad, covered):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, cache=True)
-def _place_bf16(g, labels, grad):  # pragma: no cover - compiled
-    """grad[labels[i]] = float32(g[i]) (bit patterns), for the in-range labels (each at most once)."""
+def _place(g, labels, grad):  # pragma: no cover - compiled
+    """grad[labels[i]] = g[i] (bit patterns, bf16 widened to float32 when `g` is 16-bit), for the in-range labels
+    (each at most once)."""
     n, d = grad.shape
+    wide = g.itemsize < grad.itemsize
     for i in prange(labels.shape[0]):
         lab = labels[i]
         if lab < 0 or lab >= n:
             continue
         for j in range(d):
-            grad[lab, j] = np.uint32(g[i, j]) << np.uint32(16)
-
-
-@njit(parallel=True, cache=True)
-def _place_same(g, labels, grad):  # pragma: no cover - compiled
-    n, d = grad.shape
-    for i in prange(labels.shape[0]):
-        lab = labels[i]
-        if lab < 0 or lab >= n:
-            continue
-        for j in range(d):
-            grad[lab, j] = g[i, j]
+            grad[lab, j] = (np.uint32(g[i, j]) << np.uint32(16)) if wide else g[i, j]
 
 
 def _bits(t: Tensor) -> np.ndarray:
@@ -99,7 +82,7 @@ class _GatherRows(torch.autograd.Function):
         with torch_sized_pool():
             for labels in label_parts:
                 out = torch.empty(labels.shape[0], table.shape[1], dtype=dtype)
-                (_gather_bf16 if dtype == torch.bfloat16 else _gather_same)(src, labels.numpy(), _bits(out))
+                _gather(src, labels.numpy(), _bits(out))
                 outs.append(out)
         ctx.save_for_backward(*label_parts)
         ctx.shape = table.shape
@@ -118,7 +101,7 @@ class _GatherRows(torch.autograd.Function):
             _zero_uncovered(dst, covered)
             for labels, g in zip(label_parts, grads, strict=True):
                 g = g.contiguous()
-                (_place_bf16 if g.dtype == torch.bfloat16 else _place_same)(_bits(g), labels.numpy(), dst)
+                _place(_bits(g), labels.numpy(), dst)
         return (grad, None, *([None] * len(label_parts)))
 
 
