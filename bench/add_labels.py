@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EURLEX = ROOT.parent / "shared" / "data" / "eurlex57k"
 TITLE = "## Adding labels to a built index"
 QUICK_SETS = [
-    "train.stage1_epochs=1", "train.stage2_epochs=1", "train.stage1_min_steps=0", "train.stage2_min_steps=0",
+    "train.stage1_epochs=1", "train.stage2_epochs=1", "train.stage1_min_examples=0", "train.stage2_min_examples=0",
     "model.dim=32", "train.batch_size=128", "train.reranker=true", "train.device=cpu",
 ]
 

@@ -150,7 +150,7 @@ def main() -> None:
         if kind == "transformer":
             n = 300 if args.quick else args.finetune_points
             sets += [f"train.max_train_points={n}", f"train.stage1_epochs={args.finetune_epochs}",
-                     "train.stage2_epochs=0", "train.stage1_min_steps=0", "train.batch_size=32"]
+                     "train.stage2_epochs=0", "train.stage1_min_examples=0", "train.batch_size=32"]
             notes[kind] = f"first {n:,} training documents, {args.finetune_epochs} epochs of stage 1, no stage 2"
         model_dir = out / kind
         if model_dir.exists():

@@ -40,7 +40,8 @@ IMPORT_NAMES = {"scikit-learn": "sklearn", "grpcio": "grpc", "grpcio-health-chec
                 "prometheus-client": "prometheus_client"}
 # The short fine-tune: 16,384 EURLEX57K documents at batch 128, one epoch per stage: 256 optimiser steps.
 FINETUNE = ["train.device=cuda", "train.precision=bf16", "train.max_train_points=16384", "train.batch_size=128",
-            "train.stage1_epochs=1", "train.stage2_epochs=1", "train.stage1_min_steps=0", "train.stage2_min_steps=0",
+            "train.stage1_epochs=1", "train.stage2_epochs=1", "train.stage1_min_examples=0",
+            "train.stage2_min_examples=0",
             "train.stage2_probe_fraction=0", "train.max_eval_points=2000", "train.reranker=false"]
 
 

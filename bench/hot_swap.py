@@ -40,8 +40,8 @@ from grpc_load import await_port  # noqa: E402
 from report import BENCHMARKS, command_line, machine, parse_args, today, write_section  # noqa: E402
 
 SECTION = "## Reliability: hot swap"
-TINY = ["train.max_train_points=300", "train.stage1_epochs=1", "train.stage2_epochs=1", "train.stage1_min_steps=0",
-        "train.stage2_min_steps=0", "model.dim=16", "train.batch_size=128", "train.reranker=false",
+TINY = ["train.max_train_points=300", "train.stage1_epochs=1", "train.stage2_epochs=1", "train.stage1_min_examples=0",
+        "train.stage2_min_examples=0", "model.dim=16", "train.batch_size=128", "train.reranker=false",
         "train.threads=1", "train.device=cpu"]  # as tests/test_cli.py
 QUICK = {"clients": 8, "swaps": 4, "admin_every": 2, "queries": 50, "dwell": 0.2}
 

@@ -59,7 +59,7 @@ def elias_cmd(*args: str) -> list[str]:
 
 def quick_overrides() -> list[str]:
     return ["train.max_train_points=2000", "train.max_eval_points=300", "train.stage1_epochs=1",
-            "train.stage2_epochs=1", "train.stage1_min_steps=0", "train.stage2_min_steps=0",
+            "train.stage2_epochs=1", "train.stage1_min_examples=0", "train.stage2_min_examples=0",
             "features.max_features=5000", "features.ngram_max=1", "model.dim=64", "model.kappa=200",
             "model.shortlist_size=200",
             # one torch thread: on a shared 2-core box the default thread count makes this run 5x slower

@@ -62,7 +62,7 @@ def quick_model(out: Path) -> tuple[Path, Path]:
     from trainer.train import train
 
     data = ROOT.parent / "shared" / "data" / "xc" / "bibtex"
-    cfg = EliasConfig().with_overrides(["train.stage1_epochs=1", "train.stage2_epochs=0", "train.stage1_min_steps=0",
+    cfg = EliasConfig().with_overrides(["train.stage1_epochs=1", "train.stage2_epochs=0", "train.stage1_min_examples=0",
                                         "train.reranker=false", "model.dim=32", "train.threads=1"])
     train(data, out, cfg, progress=False)
     return out, data

@@ -32,6 +32,9 @@ VARIANTS = {  # name for --only: (what the row says, the settings)
     "random-init": ("random init of W_L, W_C", ["train.init=random"]),
     "fp32": ("fp32 label products", ["train.precision=fp32"]),
     "no-recluster": ("labels not clustered again in stage 1", ["train.recluster_fraction=0"]),
+    "batch-256": ("batch 256", ["train.batch_size=256"]),
+    "batch-512": ("batch 512", ["train.batch_size=512"]),
+    "batch-1024": ("batch 1024", ["train.batch_size=1024"]),
 }
 
 
@@ -44,7 +47,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print the table instead of writing BENCHMARKS.md")
     ap.add_argument("--benchmarks-file", type=Path, default=BENCHMARKS)
     args = ap.parse_args()
-    base = [f"train.stage1_epochs={args.epochs}", "train.stage1_min_steps=0", "train.stage2_epochs=0",
+    base = [f"train.stage1_epochs={args.epochs}", "train.stage1_min_examples=0", "train.stage2_epochs=0",
             "train.reranker=false", "train.patience=0"]
     if args.quick:
         base += ["train.max_train_points=2000", "train.max_eval_points=300", "features.max_features=5000",

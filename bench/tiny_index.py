@@ -13,8 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TIBKAT = ROOT.parent / "shared" / "data" / "tibkat"
 TINY = [
-    "train.max_train_points=300", "train.stage1_epochs=1", "train.stage2_epochs=1", "train.stage1_min_steps=0",
-    "train.stage2_min_steps=0", "model.dim=16", "train.batch_size=128", "train.reranker=true",
+    "train.max_train_points=300", "train.stage1_epochs=1", "train.stage2_epochs=1", "train.stage1_min_examples=0",
+    "train.stage2_min_examples=0", "model.dim=16", "train.batch_size=128", "train.reranker=true",
     "train.threads=1", "train.device=cpu",
 ]
 

@@ -132,6 +132,8 @@ def main() -> None:
         T.centroid_init(model, T.label_centroids(model, inputs, data.Y_train, cfg.train.eval_batch_size, device)[0],
                         partition, cfg.train.init_scale, cfg.train.init_label_bias)
     order = np.random.default_rng(cfg.train.seed).permutation(len(inputs))
+    if cfg.train.batch_size == 0:  # by the data, as `elias train` resolves it
+        cfg.train.batch_size = T.batch_size(cfg, L, data.Y_train.shape[0])
     B, total = cfg.train.batch_size, 2 * args.warmup + 4 * args.steps
     results = {}
     for stage in (1, 2):

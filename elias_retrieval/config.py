@@ -83,7 +83,9 @@ class TrainConfig:
     """Optimisation of stages 1 and 2 (ELIAS.md, 'Training, in stages')."""
 
     seed: int = 0
-    batch_size: int = 256
+    # Training points per optimiser step; 0 = by the label count (trainer/train.batch_size), recorded in the model's
+    # config: 256, twice that for every doubling of L past 16k while an epoch keeps at least 128 steps.
+    batch_size: int = 0
     eval_batch_size: int = 1024
     # Where the frozen and hybrid encoders keep the embeddings of whole splits ("" = MODEL_DIR/embeddings); runs that
     # share a transformer and its settings can share the directory and embed each split once.
@@ -92,18 +94,19 @@ class TrainConfig:
     # (patience) a stage also ends once its dev metric stops improving. Raise them with --set.
     stage1_epochs: int = 3
     stage2_epochs: int = 3
-    # Small datasets get more epochs: each stage runs at least this many optimiser steps.
-    stage1_min_steps: int = 1000
+    # Small datasets get more epochs: each stage runs at least this many training points' worth of optimiser steps
+    # (min_examples / batch_size steps; 1,000 steps at batch 256).
+    stage1_min_examples: int = 256_000
     # After this fraction of stage 1's epochs (rounded to the nearest epoch; only when at least one epoch is left
     # after it) the labels are clustered again, on [mean embedding | PIFA], and W_C starts over from each new
     # cluster's labels' trained W_L rows (ELIAS.md, stage 0's "better variant"); 0 = never. A fraction, not an
-    # epoch number: stage 1 runs 4 epochs on TIBKAT and 56 on Bibtex (stage1_min_steps).
+    # epoch number: stage 1 runs 4 epochs on TIBKAT and 56 on Bibtex (stage1_min_examples).
     recluster_fraction: float = 0.5
-    stage2_min_steps: int = 300
+    stage2_min_examples: int = 76_800
     # A stage ends after this many dev evaluations in a row without a better select_metric, once it has run its
-    # minimum steps (0 = never early).
+    # minimum (0 = never early).
     patience: int = 1
-    # Stage 2 is evaluated on dev after this fraction of its first epoch (of stage2_min_steps, when more) and
+    # Stage 2 is evaluated on dev after this fraction of its first epoch (of its minimum steps, when more) and
     # stopped there unless it already beats the best model so far (0 = no probe: it runs its epochs, early stopping
     # aside).
     stage2_probe_fraction: float = 0.25
@@ -230,6 +233,11 @@ class EliasConfig:
                 raise ConfigError(f"train.recluster_epoch was replaced by train.recluster_fraction (the fraction of "
                                   f"stage 1's epochs after which the labels are clustered again), got {value!r}")
             key, value = "recluster_fraction", 0.0
+        if (section, key) in (("train", "stage1_min_steps"), ("train", "stage2_min_steps")):  # older directories
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{section}.{key} must be an integer >= 0, got {value!r}")
+            # A count of steps, at the batch then set (256 in every older default)
+            key, value = key.replace("_steps", "_examples"), value * (self.train.batch_size or 256)
         sec = getattr(self, section, None)
         if sec is None or not dataclasses.is_dataclass(sec):
             raise ConfigError(f"unknown config section {section!r}")
@@ -258,6 +266,8 @@ class EliasConfig:
                               f"re-ordered list's top 100), got {value!r}")
         if (section, key) == ("model", "dim") and value < 0:
             raise ConfigError(f"{section}.{key} must be 0 (by the label count) or a positive width, got {value!r}")
+        if key in ("batch_size", "stage1_min_examples", "stage2_min_examples") and value < 0:
+            raise ConfigError(f"{section}.{key} must be at least 0, got {value!r}")
         if key == "checkpoint_minutes" and value < 0:
             raise ConfigError(f"{section}.{key} must be at least 0 (0 = after every epoch), got {value!r}")
         if key == "recluster_fraction" and not 0.0 <= value < 1.0:

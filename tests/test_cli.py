@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 TINY = [
-    "train.max_train_points=300", "train.stage1_epochs=1", "train.stage2_epochs=1", "train.stage1_min_steps=0",
-    "train.stage2_min_steps=0", "model.dim=16", "train.batch_size=128", "train.reranker=false",
+    "train.max_train_points=300", "train.stage1_epochs=1", "train.stage2_epochs=1", "train.stage1_min_examples=0",
+    "train.stage2_min_examples=0", "model.dim=16", "train.batch_size=128", "train.reranker=false",
     "train.threads=1", "train.device=cpu",
 ]
 

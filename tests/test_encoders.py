@@ -188,7 +188,7 @@ def test_transformer_encoder_trains_end_to_end_on_eurlex_text(tiny_bert, eurlex_
     out = tmp_path / "model"
     sets = [
         f"model.transformer_path={tiny_bert}", "model.max_length=48", "model.pooling=mean",
-        "train.stage1_epochs=1", "train.stage2_epochs=1", "train.stage1_min_steps=0", "train.stage2_min_steps=0",
+        "train.stage1_epochs=1", "train.stage2_epochs=1", "train.stage1_min_examples=0", "train.stage2_min_examples=0",
         "train.batch_size=64", "train.threads=1", "train.device=cpu", "model.dim=999",
     ]
     args = ["train", str(eurlex_small), str(out), "--encoder", "transformer", "--quiet"]

@@ -118,8 +118,8 @@ def test_hybrid_is_the_tfidf_encoder_plus_the_projected_embedding(tiny_bert, eur
 def test_train_build_and_search_with_a_frozen_transformer(kind, tiny_bert, eurlex_small, tmp_path):
     out, idx = tmp_path / "model", tmp_path / "index"
     sets = [f"model.transformer_path={tiny_bert}", "model.max_length=48", "model.pooling=mean", "model.dim=32",
-            "train.stage1_epochs=2", "train.stage2_epochs=1", "train.stage1_min_steps=0",
-            "train.stage2_min_steps=0", "train.batch_size=64", "train.threads=1", "train.device=cpu"]
+            "train.stage1_epochs=2", "train.stage2_epochs=1", "train.stage1_min_examples=0",
+            "train.stage2_min_examples=0", "train.batch_size=64", "train.threads=1", "train.device=cpu"]
     res = runner.invoke(app, ["train", str(eurlex_small), str(out), "--encoder", kind, "--quiet",
                               *[a for s in sets for a in ("--set", s)]])
     assert res.exit_code == 0, f"{res.output}\n{res.exception!r}"

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 # Small and fast (a few seconds each), yet a real learned index: C = 8 clusters of ~20 labels, kappa 40, beam 4.
 SMALL = [
-    "train.stage1_min_steps=0", "train.stage2_min_steps=0", "train.batch_size=64", "train.lr_labels=0.03",
+    "train.stage1_min_examples=0", "train.stage2_min_examples=0", "train.batch_size=64", "train.lr_labels=0.03",
     "train.lr_encoder=0.01", "model.cluster_size=20", "model.kappa=40", "model.beam_size=4",
     "train.threads=1", "train.device=cpu", "train.stage2_after_convergence=false",
 ]
@@ -501,7 +501,7 @@ def test_stage2_is_skipped_after_a_stage1_still_improving_and_runs_after_a_conve
 def test_early_stopping_waits_for_the_stages_minimum_steps(bibtex, tmp_path, monkeypatch):
     steps = _scripted_dev(monkeypatch, [10.0, 12.0, 11.0, 11.5, 20.0])  # the dip at epoch 3 does not end stage 1
     cfg = EliasConfig().with_overrides([*TINY, "train.stage1_epochs=3", "train.stage2_epochs=1", "train.patience=1",
-                                        f"train.stage1_min_steps={4 * HELD_OUT_STEPS_PER_EPOCH}",
+                                        f"train.stage1_min_examples={4 * HELD_OUT_STEPS_PER_EPOCH * 64}",
                                         "train.reranker=false"])
     run_training(bibtex, tmp_path / "m", cfg, progress=False)
     assert steps.count(1) == 4 * HELD_OUT_STEPS_PER_EPOCH  # raised to 4 epochs by the minimum, all of them run
@@ -611,8 +611,40 @@ def test_the_default_width_grows_with_the_label_count_and_is_recorded(bibtex, tm
 
     out = tmp_path / "model"
     trained = run_training(bibtex, out, EliasConfig().with_overrides(
-        [*TINY, "model.dim=0", "train.stage2_epochs=0", "train.reranker=false"]), progress=False)
+        [*TINY, "model.dim=0", "train.batch_size=0", "train.stage2_epochs=0", "train.reranker=false"]),
+        progress=False)
     L = trained.model.num_labels
     assert trained.model.encoder.dim == m.embedding_dim(L) == 512
-    assert json.loads((out / "config.json").read_text())["model"]["dim"] == 512  # resolved, not 0
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["model"]["dim"] == 512 and recorded["train"]["batch_size"] == 256  # resolved, not 0
     assert json.loads((out / "model.json").read_text())["dim"] == 512
+
+
+def test_the_default_batch_grows_with_the_label_count_while_epochs_keep_their_steps():
+    cfg = EliasConfig()
+    assert cfg.train.batch_size == 0
+    labels = (159, 4_271, 16_384, 23_000, 32_472, 131_072, 1_000_000)
+    by_labels = [train_module.batch_size(cfg, L, 10_000_000) for L in labels]
+    assert by_labels == [256, 256, 256, 256, 512, 2048, 16384]
+    assert train_module.batch_size(cfg, 32_472, 76_937) == 512  # TIBKAT: 151 steps an epoch
+    assert train_module.batch_size(cfg, 32_472, 60_000) == 256  # 512 would leave 118 steps an epoch
+    assert train_module.batch_size(cfg, 1_000_000, 300_000) == 2048  # halved until an epoch holds 128 steps
+    assert train_module.batch_size(cfg, 1_000, 10) == 256  # never below 256
+    assert train_module.batch_size(EliasConfig().with_overrides(["model.encoder=transformer"]), 1_000_000, 10**7) == 256
+    assert train_module.batch_size(EliasConfig().with_overrides(["train.batch_size=96"]), 1_000_000, 10**7) == 96
+    with pytest.raises(ConfigError, match="train.batch_size must be at least 0"):
+        EliasConfig().with_overrides(["train.batch_size=-1"])
+
+
+def test_a_stages_minimum_counts_training_points_and_older_step_counts_convert():
+    t = EliasConfig().with_overrides(["train.batch_size=512", "train.stage1_epochs=3"]).train
+    assert (train_module.min_steps(t, 1), train_module.min_steps(t, 2)) == (500, 150)  # 256,000 and 76,800 points
+    assert train_module.stage_epochs(t, 1, 151) == 4 and train_module.stage_epochs(t, 1, 20) == 25
+    t.batch_size = 256
+    assert train_module.min_steps(t, 1) == 1000 and train_module.stage_epochs(t, 1, 301) == 4
+    # An older model directory's config counted steps at its batch
+    old = EliasConfig.from_dict({"train": {"batch_size": 128, "stage1_min_steps": 1000, "stage2_min_steps": 0}})
+    assert (old.train.stage1_min_examples, old.train.stage2_min_examples) == (128_000, 0)
+    assert EliasConfig().with_overrides(["train.stage1_min_steps=10"]).train.stage1_min_examples == 2560
+    with pytest.raises(ConfigError, match="stage1_min_steps must be an integer >= 0"):
+        EliasConfig().with_overrides(["train.stage1_min_steps=-3"])

@@ -162,12 +162,44 @@ def embed_dropout(m: ModelConfig, epochs: int) -> float:
     return 0.5 if epochs > m.dropout_epochs else 0.0
 
 
+BASE_BATCH = 256
+LABELS_PER_BASE_BATCH = 16_384
+MIN_STEPS_PER_EPOCH = 128
+
+
+def batch_size(cfg: EliasConfig, num_labels: int, num_points: int) -> int:
+    """`train.batch_size`, or when it is 0 a batch by the label count: 256, doubled for every doubling of L past
+    16,384 (rounded to the nearest power of two), but halved back towards 256 until an epoch holds at least 128
+    steps. A step's label-side work (W_L's dense AdamW update, its cluster blocks' rows gathered and their
+    gradient placed) grows with L and not with the batch; a larger batch spreads it. On TIBKAT (32k labels) four
+    epochs at batch 512 gave dev P@5 20.66 against 20.45 at 256 in 15% less stage-1 time, and at 1,024 (75 steps
+    an epoch) 19.69 (BENCHMARKS.md, "Training recipe on TIBKAT (dev)"); the reference trains with 256 to 1,024.
+    The fine-tuned transformer keeps 256: its forward and backward cost far more per point than a step's label
+    side."""
+    t = cfg.train
+    if t.batch_size > 0:
+        return t.batch_size
+    if cfg.model.encoder == "transformer":
+        return BASE_BATCH
+    doublings = max(0, round(math.log2(max(num_labels, 1) / LABELS_PER_BASE_BATCH)))
+    b = BASE_BATCH << doublings
+    while b > BASE_BATCH and num_points < MIN_STEPS_PER_EPOCH * b:
+        b //= 2
+    return b
+
+
+def min_steps(t: TrainConfig, stage: int) -> int:
+    """A stage's minimum optimiser steps: its minimum training points at the batch size."""
+    examples = t.stage1_min_examples if stage == 1 else t.stage2_min_examples
+    return math.ceil(examples / max(1, t.batch_size))
+
+
 def stage_epochs(t: TrainConfig, stage: int, steps_per_epoch: int) -> int:
     """The configured epochs, raised so that the stage runs at least its minimum number of steps."""
-    epochs, min_steps = (t.stage1_epochs, t.stage1_min_steps) if stage == 1 else (t.stage2_epochs, t.stage2_min_steps)
+    epochs = t.stage1_epochs if stage == 1 else t.stage2_epochs
     if epochs == 0:
         return 0
-    return max(epochs, math.ceil(min_steps / max(1, steps_per_epoch)))
+    return max(epochs, math.ceil(min_steps(t, stage) / max(1, steps_per_epoch)))
 
 
 def recluster_epoch(fraction: float, epochs: int) -> int:
@@ -408,8 +440,9 @@ class Trainer:
         L = data.train.num_labels
         C = cfg.model.num_clusters(L)
         torch.manual_seed(cfg.train.seed)
-        if cfg.model.dim == 0:  # the width chosen by the label count, recorded
+        if cfg.model.dim == 0 or cfg.train.batch_size == 0:  # the width and batch chosen by the data, recorded
             cfg.model.dim = cfg.model.embedding_dim(L)
+            cfg.train.batch_size = batch_size(cfg, L, data.Y_train.shape[0])
             if self.group.is_main:
                 write_json(self.out_dir / "config.json", cfg.to_dict())
         encoder = make_encoder(cfg, self.featurizer, L)
@@ -527,7 +560,7 @@ class Trainer:
         has_dev = data.dev is not None
         # Stage 2 must earn its time: it is evaluated on dev early, after a fraction of its first epoch (of its
         # minimum steps, when more), and stopped there unless it already does better than the best model so far.
-        probe_at = math.ceil(t.stage2_probe_fraction * max(steps_per_epoch, t.stage2_min_steps)) if (
+        probe_at = math.ceil(t.stage2_probe_fraction * max(steps_per_epoch, min_steps(t, 2))) if (
             stage == 2 and has_dev and start_epoch == 0 and best_metric >= 0 and 0 < t.stage2_probe_fraction < 1
             and epochs > 0) else 0
         stale = int(progress_state.get("stale", 0))  # evaluations in a row without a better dev metric
@@ -601,9 +634,8 @@ class Trainer:
             grace = grace and "dev" not in record
             # Dev early stopping: a stage ends once `patience` evaluations in a row did not improve on the best,
             # but not before its minimum number of steps (a small dataset's dev split is small and noisy).
-            min_steps = t.stage1_min_steps if stage == 1 else t.stage2_min_steps
             stopped = stopped or (has_dev and t.patience > 0 and stale >= t.patience
-                                  and (epoch + 1) * steps_per_epoch >= min_steps)
+                                  and (epoch + 1) * steps_per_epoch >= min_steps(t, stage))
             if stopped and not last:
                 _log(f"stage {stage}: dev {t.select_metric} has not improved; the stage ends here", self.progress)
             if stage == 1 and epoch + 1 == recluster_epoch(t.recluster_fraction, epochs) and not (stopped or last):
