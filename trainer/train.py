@@ -172,7 +172,7 @@ def batch_size(cfg: EliasConfig, num_labels: int, num_points: int) -> int:
     16,384 (rounded to the nearest power of two), but halved back towards 256 until an epoch holds at least 128
     steps. A step's label-side work (W_L's dense AdamW update, its cluster blocks' rows gathered and their
     gradient placed) grows with L and not with the batch; a larger batch spreads it. On TIBKAT (32k labels) four
-    epochs at batch 512 gave dev P@5 20.66 against 20.45 at 256 in 15% less stage-1 time, and at 1,024 (75 steps
+    epochs at batch 512 gave dev P@5 20.66 against 20.45 at 256 in 15% less stage-1 time, and at 1,024 (76 steps
     an epoch) 19.69 (BENCHMARKS.md, "Training recipe on TIBKAT (dev)"); the reference trains with 256 to 1,024.
     The fine-tuned transformer keeps 256: its forward and backward cost far more per point than a step's label
     side."""
