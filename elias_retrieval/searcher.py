@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from elias_retrieval.search import SearchTensors, pack_cluster_weights, search
+from elias_retrieval.sparse_projection import distinct_features
 
 if TYPE_CHECKING:
     from elias_retrieval.features import TfidfFeaturizer
@@ -398,12 +399,12 @@ class Searcher:
         indptr[1:] = np.cumsum([len(r[0]) for r in rows])
         cols = np.concatenate([r[0] for r in rows])
         values = np.concatenate([r[1] for r in rows]).astype(np.float32)
-        features, local = np.unique(cols, return_inverse=True)
+        features, local = distinct_features(cols, self.num_features)
         dev = self.device
         return {
             "features": torch.from_numpy(features.astype(np.int64)).to(dev),
             "crow": torch.from_numpy(indptr).to(dev),
-            "col": torch.from_numpy(local.astype(np.int64).ravel()).to(dev),
+            "col": torch.from_numpy(local.astype(np.int64, copy=False)).to(dev),
             "values": torch.from_numpy(values).to(dev),
         }
 

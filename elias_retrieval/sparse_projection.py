@@ -5,6 +5,8 @@ distinct features, accumulates X^T @ dH into it, and autograd copies it once mor
 gradient: at 23k distinct features and d = 768, three passes over 70 MB per step. Here each feature's gradient
 row is written once, from the documents that hold it, into a coalesced sparse tensor over the batch's features
 (sorted, distinct), which the RowAdam update reads as it is. The forward pass is torch's gather and product.
+
+A batch's distinct features and its entries re-indexed onto them come from `distinct_features`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,24 @@ from numba import njit, prange
 from torch import Tensor
 
 from elias_retrieval.kernel_threads import torch_sized_pool
+
+# Past this many feature ids per stored entry, sorting a batch's entries beats marking them in a table the size
+# of the vocabulary (measured on EURLEX57K's 200k features: a sort at 1 row, the table from 16 rows on).
+_SORT_FEATURES_PER_ENTRY = 64
+
+
+def distinct_features(indices: np.ndarray, num_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted distinct feature ids among `indices` and each entry's position among them: np.unique's answer,
+    from a mark per feature where a batch holds enough entries (a training batch: 9x faster than its sort)."""
+    if indices.size * _SORT_FEATURES_PER_ENTRY < num_features:
+        features, local = np.unique(indices, return_inverse=True)
+        return features, local.ravel()
+    present = np.zeros(num_features, dtype=bool)
+    present[indices] = True
+    features = np.flatnonzero(present)
+    slot = np.empty(num_features, dtype=np.int64)
+    slot[features] = np.arange(len(features))
+    return features, slot[indices]
 
 
 @njit(parallel=True, cache=True)

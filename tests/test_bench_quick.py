@@ -177,10 +177,14 @@ def test_ranker_fit_quick_run_compares_the_fits_and_depths(tmp_path: Path) -> No
     bibtex = ROOT.parent / "shared" / "data" / "xc" / "bibtex"
     if not bibtex.is_dir():
         pytest.skip(f"real data not found at {bibtex}")
-    body = section(run_quick("ranker_fit.py", tmp_path / "B.md"), "## ELIAS++ ranker: fit and depth")
+    body = section(run_quick("ranker_fit.py", tmp_path / "B.md", "--deep-keeps", "0", "--tols", "0.1,0.3"),
+                   "## ELIAS++ ranker: fit and depth")
     metrics = r"( \d+\.\d\d \|){5}( (-|\d+\.\d\d) \|){2}"
     assert has_row(body, rf"^\| ELIAS \(no ranker\) \|{metrics}  \|$"), body
-    for name in ("sklearn LinearSVC per label", "batched solver, depth 100", "batched solver, depth 150"):
+    budget = "negatives from rank 50 kept at {} \\(the budget\\)"  # 25 deep negatives a point: 0.5 of 50, 0.25 of 100
+    for name in ("sklearn LinearSVC per label", f"batched solver, depth 100, {budget.format('0.5')}, tolerance 0.1",
+                 f"batched solver, depth 100, {budget.format('0.5')}, tolerance 0.3",
+                 f"batched solver, depth 150, {budget.format('0.25')}, tolerance 0.3"):
         assert has_row(body, rf"^\| {name} \|{metrics} [\d.]+ s, \d threads?; pruned at [\d.]+ "), body
 
 

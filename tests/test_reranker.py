@@ -72,6 +72,14 @@ def test_config_takes_a_deep_keep_rate_in_zero_to_one():
         EliasConfig().with_overrides(["train.reranker_deep_from=0"])
 
 
+def test_config_takes_a_positive_stopping_tolerance():
+    assert EliasConfig().train.reranker_tol == 0.3
+    assert EliasConfig().with_overrides(["train.reranker_tol=0.1"]).train.reranker_tol == 0.1
+    for bad in ("0", "-0.1"):
+        with pytest.raises(ConfigError, match="reranker_tol must be above 0"):
+            EliasConfig().with_overrides([f"train.reranker_tol={bad}"])
+
+
 def test_the_deep_negatives_budget_holds_at_any_depth_down_to_a_quarter():
     from trainer.reranker import deep_keep_rate
 

@@ -7,7 +7,7 @@ import scipy.sparse as sp
 import torch
 
 from elias_retrieval.encoders import SparseInputs
-from elias_retrieval.sparse_projection import fused_route_applies, project
+from elias_retrieval.sparse_projection import distinct_features, fused_route_applies, project
 
 
 def _batch():
@@ -56,3 +56,14 @@ def test_the_encoder_trains_through_the_projection_and_serves_without_it():
     assert enc.proj.weight.grad.is_sparse
     with torch.no_grad():
         torch.testing.assert_close(enc(batch), h.detach())  # the inference route: nn.Embedding and a product
+
+
+def test_a_batchs_distinct_features_are_np_uniques_on_both_routes():
+    rng = np.random.default_rng(0)
+    for num_features, size in ((100_000, 40), (100_000, 20_000), (50, 400), (10, 0)):
+        indices = rng.integers(0, num_features, size=size).astype(np.int32)
+        features, local = distinct_features(indices, num_features)
+        want, want_local = np.unique(indices, return_inverse=True)
+        np.testing.assert_array_equal(features, want)
+        np.testing.assert_array_equal(local, want_local.ravel())
+        np.testing.assert_array_equal(features[local], indices)  # each entry points back at its own feature

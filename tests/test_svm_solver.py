@@ -130,6 +130,20 @@ def test_the_sampling_starts_at_deep_from(monkeypatch: pytest.MonkeyPatch):
     assert starts == [short.shape[1] // 2] and (sampled.W != plain.W).nnz > 0
 
 
+def test_the_stopping_tolerance_reaches_the_fits_and_a_tighter_one_lands_nearer_the_optimum():
+    X, Y, short = synthetic_problem(seed=3)
+    cand = candidates(Y, short)
+    labels = np.arange(Y.shape[1])
+    rc, rv, _ = fit_labels_reference(X, cand, Y.tocsc(), labels, 1.0, 0.0, tol=1e-6)
+    optimum = dense(rc, rv, X.shape[1])
+    gaps = {}
+    for tol in (1.0, 0.3, 1e-3):
+        ranker = train_ranker(X, Y, short, threshold=0.0, n_jobs=1, tol=tol)
+        gaps[tol] = np.abs(ranker.W.toarray() - optimum).max()
+    assert gaps[1.0] > gaps[0.3] > gaps[1e-3]
+    assert gaps[1e-3] < 1e-2 * max(1.0, np.abs(optimum).max())
+
+
 def test_threshold_seed_and_threads():
     X, Y, short = synthetic_problem(seed=3)
     cand = candidates(Y, short)

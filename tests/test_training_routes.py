@@ -233,6 +233,25 @@ def test_membership_by_binary_search_equals_isin():
     assert _member(torch.tensor([[499, 500]]), torch.tensor([3, 499])).tolist() == [[True, False]]  # past the end
 
 
+def test_the_positives_table_and_the_key_search_mark_the_same_pairs(monkeypatch):
+    from elias_retrieval import model as model_module
+
+    g = torch.Generator().manual_seed(1)
+    B, K, L = 6, 30, 50
+    ids = torch.randint(0, L + 1, (B, K), generator=g)  # L: the pad id, never a positive
+    pos_rows = torch.randint(0, B, (20,), generator=g)
+    pos_labels = torch.where(torch.rand(20, generator=g) < 0.5, ids[pos_rows, torch.randint(0, K, (20,),
+                                                                                            generator=g)],
+                             torch.randint(0, L, (20,), generator=g))
+    want = torch.tensor([[(r, int(ids[r, j])) in set(zip(pos_rows.tolist(), pos_labels.tolist(), strict=True))
+                          for j in range(K)] for r in range(B)])
+    assert want.any()
+    table = model_module.positive_mask(ids, pos_rows, pos_labels, L)
+    monkeypatch.setattr(model_module, "_DENSE_POSITIVES_ELEMENTS", B * (L + 1) - 1)  # too big for the table
+    search = model_module.positive_mask(ids, pos_rows, pos_labels, L)
+    assert torch.equal(table, want) and torch.equal(search, want)
+
+
 def test_row_adam_compiled_update_equals_the_tensor_update(monkeypatch):
     from trainer import optim
 

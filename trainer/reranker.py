@@ -121,12 +121,13 @@ def train_ranker(
     seed: int = 0,
     deep_keep: float = 1.0,
     deep_from: int = SHALLOW_DEPTH,
+    tol: float = 0.1,
 ) -> SparseRanker:
     """Per label: the training points whose shortlist holds it (hard negatives) plus its positives, one
     squared-hinge SVM (trainer/svm_solver.py); weights below `threshold` in magnitude pruned. With `deep_keep`
     below 1 the negatives at rank `deep_from` or deeper are sampled at that rate and weighted up
     (`sample_deep_negatives`): the fit's cost falls with the pairs it trains on, the loss stays unbiased; 0 is the
-    budget of `deep_keep_rate`."""
+    budget of `deep_keep_rate`. `tol`: each fit's stopping tolerance (`LabelProblems.solve`)."""
     L = Y.shape[1]
     Y = Y.tocsr()
     deep_keep = deep_keep_rate(deep_keep, shortlist_ids.shape[1], deep_from)
@@ -142,7 +143,7 @@ def train_ranker(
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("ELIAS++: training the sparse ranker", total=L)
         for batch in _label_batches(problems.bounds, max(1, L // 64)):
-            cols, vals, b = problems.solve(batch, c, threshold, seed=seed, n_jobs=n_jobs)
+            cols, vals, b = problems.solve(batch, c, threshold, tol=tol, seed=seed, n_jobs=n_jobs)
             for lab, cc, vv in zip(batch, cols, vals, strict=True):
                 all_cols[lab], all_vals[lab] = cc, vv
             bias[batch] = b

@@ -755,7 +755,7 @@ class Trainer:
         floor = min(t.reranker_thresholds)  # fitted once, keeping every weight any threshold could keep
         ranker = train_ranker(data.X_train, data.Y_train, ids, t.reranker_c, floor, n_jobs=n_jobs,
                               progress=self.progress, seed=t.seed, deep_keep=deep_keep,
-                              deep_from=t.reranker_deep_from)
+                              deep_from=t.reranker_deep_from, tol=t.reranker_tol)
         seconds["fit"] = time.perf_counter() - t0 - seconds["shortlists"]
         threshold = max(t.reranker_thresholds)
         if data.dev is not None:
@@ -774,7 +774,7 @@ class Trainer:
                                       sp.vstack([data.Y_train, data.dev.known_labels()], format="csr"),
                                       np.concatenate([ids, dev_ids]), t.reranker_c, floor, n_jobs=n_jobs,
                                       progress=self.progress, seed=t.seed, deep_keep=deep_keep,
-                                      deep_from=t.reranker_deep_from)
+                                      deep_from=t.reranker_deep_from, tol=t.reranker_tol)
             ranker.fusion_weight = weight
         ranker = ranker.pruned(threshold)
         ranker.depth = depth
