@@ -66,13 +66,7 @@ class SparseInputs:
 
     def batch(self, rows: np.ndarray, device: torch.device) -> dict[str, Tensor]:
         sub = self.X[rows]
-        features, local = sparse_projection.distinct_features(sub.indices, self.X.shape[1])
-        return {
-            "features": torch.from_numpy(features.astype(np.int64)).to(device),
-            "crow": torch.from_numpy(sub.indptr.astype(np.int64)).to(device),
-            "col": torch.from_numpy(local.astype(np.int64, copy=False)).to(device),
-            "values": torch.from_numpy(sub.data).to(device),
-        }
+        return sparse_projection.sparse_batch(sub.indptr, sub.indices, sub.data, self.X.shape[1], device)
 
 
 class TokenInputs:

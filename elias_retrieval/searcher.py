@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from elias_retrieval.search import SearchTensors, pack_cluster_weights, search
-from elias_retrieval.sparse_projection import distinct_features
+from elias_retrieval.sparse_projection import sparse_batch
 
 if TYPE_CHECKING:
     from elias_retrieval.features import TfidfFeaturizer
@@ -398,15 +398,8 @@ class Searcher:
         indptr = np.zeros(len(rows) + 1, dtype=np.int64)
         indptr[1:] = np.cumsum([len(r[0]) for r in rows])
         cols = np.concatenate([r[0] for r in rows])
-        values = np.concatenate([r[1] for r in rows]).astype(np.float32)
-        features, local = distinct_features(cols, self.num_features)
-        dev = self.device
-        return {
-            "features": torch.from_numpy(features.astype(np.int64)).to(dev),
-            "crow": torch.from_numpy(indptr).to(dev),
-            "col": torch.from_numpy(local.astype(np.int64, copy=False)).to(dev),
-            "values": torch.from_numpy(values).to(dev),
-        }
+        values = np.concatenate([r[1] for r in rows])
+        return sparse_batch(indptr, cols, values, self.num_features, self.device)
 
     def search(self, queries: Sequence[Query], params: SearchParams) -> SearchResults:
         """Check, encode and search queries of any kinds (one batch)."""

@@ -6,7 +6,7 @@ gradient: at 23k distinct features and d = 768, three passes over 70 MB per step
 row is written once, from the documents that hold it, into a coalesced sparse tensor over the batch's features
 (sorted, distinct), which the RowAdam update reads as it is. The forward pass is torch's gather and product.
 
-A batch's distinct features and its entries re-indexed onto them come from `distinct_features`.
+A batch's distinct features and its rows re-indexed onto them come from `sparse_batch`.
 """
 
 from __future__ import annotations
@@ -35,6 +35,19 @@ def distinct_features(indices: np.ndarray, num_features: int) -> tuple[np.ndarra
     slot = np.empty(num_features, dtype=np.int64)
     slot[features] = np.arange(len(features))
     return features, slot[indices]
+
+
+def sparse_batch(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, num_features: int,
+                 device: torch.device | str) -> dict[str, Tensor]:
+    """The tf-idf encoder's batch of CSR rows: the batch's distinct feature ids (sorted) and the rows re-indexed
+    onto them, so that the projection reads each distinct row of its table once."""
+    features, local = distinct_features(indices, num_features)
+    return {
+        "features": torch.from_numpy(features.astype(np.int64, copy=False)).to(device),
+        "crow": torch.from_numpy(indptr.astype(np.int64, copy=False)).to(device),
+        "col": torch.from_numpy(local.astype(np.int64, copy=False)).to(device),
+        "values": torch.from_numpy(values.astype(np.float32, copy=False)).to(device),
+    }
 
 
 @njit(parallel=True, cache=True)

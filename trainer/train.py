@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import json
 import math
@@ -753,9 +754,9 @@ class Trainer:
         deep_keep = deep_keep_rate(t.reranker_deep_keep, depth, t.reranker_deep_from)
         report["deep_keep"] = round(deep_keep, 4)
         floor = min(t.reranker_thresholds)  # fitted once, keeping every weight any threshold could keep
-        ranker = train_ranker(data.X_train, data.Y_train, ids, t.reranker_c, floor, n_jobs=n_jobs,
-                              progress=self.progress, seed=t.seed, deep_keep=deep_keep,
-                              deep_from=t.reranker_deep_from, tol=t.reranker_tol)
+        fit = functools.partial(train_ranker, c=t.reranker_c, threshold=floor, n_jobs=n_jobs, progress=self.progress,
+                                seed=t.seed, deep_keep=deep_keep, deep_from=t.reranker_deep_from, tol=t.reranker_tol)
+        ranker = fit(data.X_train, data.Y_train, ids)
         seconds["fit"] = time.perf_counter() - t0 - seconds["shortlists"]
         threshold = max(t.reranker_thresholds)
         if data.dev is not None:
@@ -770,11 +771,9 @@ class Trainer:
             report["dev_" + t.select_metric + "_by_threshold"] = {
                 str(thr): max(by_w.values()) for thr, by_w in by_threshold.items()}
             if data.dev_is_holdout:  # the settings are chosen; the held-out points now train the ranker too
-                ranker = train_ranker(sp.vstack([data.X_train, X_dev], format="csr"),
-                                      sp.vstack([data.Y_train, data.dev.known_labels()], format="csr"),
-                                      np.concatenate([ids, dev_ids]), t.reranker_c, floor, n_jobs=n_jobs,
-                                      progress=self.progress, seed=t.seed, deep_keep=deep_keep,
-                                      deep_from=t.reranker_deep_from, tol=t.reranker_tol)
+                ranker = fit(sp.vstack([data.X_train, X_dev], format="csr"),
+                             sp.vstack([data.Y_train, data.dev.known_labels()], format="csr"),
+                             np.concatenate([ids, dev_ids]))
             ranker.fusion_weight = weight
         ranker = ranker.pruned(threshold)
         ranker.depth = depth
